@@ -1,0 +1,1 @@
+"""Recipe scripts shipped with torchft (installed as ``torchft._recipes``)."""
