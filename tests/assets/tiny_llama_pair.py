@@ -1,0 +1,74 @@
+"""Tiny random Llama weights shared by transformers and torchft, and a tiny tokenizer both can load.
+
+Used by the generation, evaluation and quantization tests: the same weights go through the reference
+(transformers / lm-eval's HF backend) and through torchft, so outputs can be compared exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a an cat dog bird fish tree house river sun moon red blue green big small old new runs sleeps "
+    "sings swims is was and or but on in under over near far yes no one two three four five six seven "
+    "eight nine ten question answer true false what where who why how color sky grass water fire"
+).split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+TOKENS = SPECIALS + WORDS + list(".,?!:;'\"-0123456789")
+VOCAB_SIZE = len(TOKENS)  # the models' vocabulary matches the tokenizer's
+
+
+def tiny_hf_config(vocab_size: int = VOCAB_SIZE, tie_word_embeddings: bool = False, max_seq_len: int = 256):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_seq_len,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def hf_to_torchft_keys(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Llama names -> torchft names: drop the ``model.`` prefix (lm_head stays)."""
+    return {k.removeprefix("model."): v for k, v in hf_state_dict.items()}
+
+
+def make_pair(seed: int = 0, **config_kwargs):
+    """(transformers LlamaForCausalLM, torchft model) with identical random weights, both in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    from torchft.models import from_hf_config
+
+    torch.manual_seed(seed)
+    config = tiny_hf_config(**config_kwargs)
+    hf_model = LlamaForCausalLM(config).eval()
+    # Random (not default-initialised) norms so every weight matters.
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model = from_hf_config(config.to_dict()).eval()
+    sd = {k: v for k, v in hf_to_torchft_keys(hf_model.state_dict()).items()
+          if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    model.load_state_dict(sd)
+    return hf_model, model
+
+
+def save_tiny_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer (with BOS added like Llama's) saved in the Hugging Face folder layout."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TOKENS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, keeps punctuation attached
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return folder
