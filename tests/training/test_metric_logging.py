@@ -1,0 +1,48 @@
+"""Each metric logger writes what it promises (W&B offline: the run folder holds metrics and config)."""
+import io
+import json
+
+from torchft.training.metric_logging import JSONLLogger, MultiLogger, StdoutLogger, TensorBoardLogger, WandBLogger
+
+
+def test_stdout_and_jsonl(tmp_path):
+    out = io.StringIO()
+    logger = MultiLogger([StdoutLogger(out), JSONLLogger(tmp_path)])
+    logger.log_config({"lr": 0.1, "model": {"dim": 4}})
+    logger.log({"loss": 1.5, "lr": 0.1, "skipped": None}, step=1)
+    logger.log({"loss": 1.25}, step=2)
+    logger.close()
+    assert out.getvalue().splitlines()[0] == "step 1 | loss 1.5 | lr 0.1"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 1.5, "lr": 0.1}, {"step": 2, "loss": 1.25}]
+    assert json.loads((tmp_path / "config.json").read_text())["model"] == {"dim": 4}
+
+
+def test_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_config({"lr": 0.1})
+    logger.log({"loss": 2.0}, step=1)
+    logger.log({"loss": 1.0}, step=2)
+    logger.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.0)]
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandBLogger(project="torchft-test", log_dir=str(tmp_path))
+    logger.log_config({"lr": 0.125, "batch_size": 3})
+    for step, loss in [(1, 2.0), (2, 0.75)]:
+        logger.log({"loss": loss}, step=step)
+    logger.close()
+    (run_dir,) = [p for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert json.loads((run_dir / "files" / "config.json").read_text()) == {"lr": 0.125, "batch_size": 3}
+    lines = (run_dir / "files" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 0.75}]
+    (record_file,) = run_dir.glob("*.wandb")  # W&B's own history, for `wandb sync`
+    records = record_file.read_bytes()
+    assert b"batch_size" in records and b"loss" in records and b"0.75" in records

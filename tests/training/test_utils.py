@@ -1,0 +1,92 @@
+"""Precision, RNG capture, signals, MFU arithmetic, activation checkpointing/offloading."""
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from torchft.training.activations import activation_offloading, apply_activation_checkpointing
+from torchft.training.precision import resolve_device, resolve_dtype
+from torchft.training.rng import get_rng_state, seed_everything, set_rng_state
+from torchft.training.signals import StopRequested
+from torchft.training.throughput import flops_per_token, llama_matmul_params, memory_stats, step_metrics
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16
+    assert resolve_dtype("fp32", "cpu") is torch.float32
+    with pytest.raises(ValueError, match=r"dtype \(fp16\) must be one of bf16, fp32"):
+        resolve_dtype("fp16", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_resolve_device_without_cuda():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device \(cuda\) is not available"):
+        resolve_device("cuda")
+
+
+def test_rng_roundtrip():
+    seed_everything(3)
+    state = get_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_sigterm_requests_a_stop():
+    with StopRequested() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_mfu_formula_llama3_2_1b():
+    # Llama-3.2-1B: 16 layers, dim 2048, 32 heads of 64, 8 kv heads, MLP 8192, vocab 128256
+    n = llama_matmul_params(16, 2048, 32, 8, 64, 8192, 128256)
+    assert n == 16 * (2048 * 64 * 80 + 3 * 2048 * 8192) + 2048 * 128256  # 1.236e9
+    assert flops_per_token(n, 16, 2048, 2048, full_finetune=False) == 4 * n + 12 * 16 * 2048 * 2048
+    metrics = step_metrics(1000, 0.5, 1.0, torch.device("cpu"))
+    assert metrics["tokens_per_s"] == 2000 and "mfu" not in metrics  # no MFU without a known GPU
+    assert memory_stats(torch.device("cpu"))["peak_rss_gib"] > 0
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x, scale, *, mask=None):
+        return x + self.b(torch.relu(self.a(x))) * scale
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    torch.manual_seed(0)
+    model = nn.ModuleList([_Layer(), _Layer()])
+    ref = nn.ModuleList([_Layer(), _Layer()])
+    ref.load_state_dict(model.state_dict())
+    keys = list(model.state_dict())
+    assert apply_activation_checkpointing(model, _Layer) == 2
+    assert list(model.state_dict()) == keys
+    x = torch.randn(3, 8)
+    for m in (model, ref):
+        h = x
+        for layer in m:
+            h = layer(h, 0.5, mask=None)
+        h.square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ValueError, match="found no Linear"):
+        apply_activation_checkpointing(nn.Sequential(nn.ReLU()), nn.Linear)
+
+
+def test_activation_offloading_needs_cuda():
+    with activation_offloading(False, "cpu"):
+        pass
+    with pytest.raises(ValueError, match="enable_activation_offloading needs device=cuda"):
+        activation_offloading(True, "cpu")
