@@ -1,0 +1,140 @@
+"""``tune run [torchrun options] <recipe|path.py> --config <name|path.yaml> [overrides]``.
+
+Without torchrun options the recipe runs in this process: the script is imported by path and its
+``main(cfg)`` called with the loaded config. With torchrun options (``--nproc_per_node 2``,
+``--nnodes``, ``--rdzv-endpoint`` ...) the run is handed to ``torch.distributed.run``, which starts
+``python <script> --config ... [overrides]`` per process (the script's ``recipe_main`` takes it from
+there); a recipe not marked distributed in the registry is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from torchft import registry
+from torchft.cli._common import TuneParser, add_subcommand, unknown_name_error
+from torchft.config._load import load_config
+from torchft.config._recipe import check_recipe_keys, setup_logging
+
+USAGE = "tune run [torchrun options] <recipe|path.py> --config <name|path.yaml> [key=value ...]"
+EPILOG = """\
+examples:
+  tune run lora_finetune_single_device --config quickstart/lora_single_device
+  tune run lora_finetune_single_device --config llama3_2/1B_lora_single_device \\
+      checkpointer.checkpoint_dir=/tmp/Llama-3.2-1B-Instruct max_steps=100 optimizer.lr=1e-4
+  tune run my_recipe.py --config my_config.yaml       a local script and config
+  tune run --nproc_per_node 2 lora_finetune_distributed --config llama3_2/1B_lora_distributed
+
+overrides: key=value sets an existing key (nested: optimizer.lr=1e-4; lists: tasks=[a,b]),
++key=value adds one, ~key removes one, model=<dotted.builder> swaps a component keeping its arguments.
+torchrun options go before the recipe; see `torchrun --help` for all of them.
+"""
+
+
+def register(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "run",
+        help="run a recipe with a config",
+        description="Run a recipe (a registered name, see `tune ls`, or a path to a script) with a config.",
+        epilog=EPILOG,
+    )
+    parser.usage = USAGE
+    parser.add_argument("recipe", help="recipe name or path to a recipe script (.py)")
+    _add_recipe_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config name or path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+
+
+def wants_torchrun(argv: Sequence[str]) -> bool:
+    """True when options come before the recipe: ``tune run --nproc_per_node 2 recipe ...``."""
+    return bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help") and not argv[0].startswith("--config")
+
+
+def resolve_recipe(recipe: str) -> tuple[Path, registry.Recipe | None]:
+    """The script of a registered recipe name, or a local script path (with its entry, if registered)."""
+    if recipe in registry.recipe_names():
+        entry = registry.get_recipe(recipe)
+        if not entry.path.is_file():
+            raise FileNotFoundError(f"recipe {recipe}: its script {entry.path} is missing from the installation")
+        return entry.path, entry
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path.resolve(), registry.recipe_for_script(path)
+    if recipe.endswith(".py") or "/" in recipe:
+        raise FileNotFoundError(f"recipe script {recipe} does not exist")
+    raise unknown_name_error("recipe", recipe, registry.recipe_names())
+
+
+def load_recipe_main(script: Path):
+    """Import a recipe script by path (as ``python script.py`` would see it) and return its ``main``."""
+    module_name = f"torchft_recipe_{script.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, script)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{script}: cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look their module up here
+    sys.path.insert(0, str(script.parent))  # the script's own folder, as `python script.py` does
+    spec.loader.exec_module(module)
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise ValueError(f"{script}: a recipe script must define main(cfg); this one does not")
+    return main
+
+
+def main(args: argparse.Namespace) -> int:
+    script, _ = resolve_recipe(args.recipe)
+    cfg = load_config(args.config, args.overrides)
+    check_recipe_keys(cfg, script)
+    recipe_main = load_recipe_main(script)
+    setup_logging()
+    sys.argv = [str(script), "--config", args.config, *args.overrides]
+    recipe_main(cfg)
+    return 0
+
+
+def run_distributed(argv: Sequence[str]) -> int:
+    """Hand ``tune run <torchrun options> <recipe> --config ...`` over to torch.distributed.run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    torchrun_parser = get_args_parser()
+    torchrun_parser.prog = "tune run"
+    torchrun_parser.usage = USAGE
+    torchrun_parser.error = TuneParser.error.__get__(torchrun_parser)  # one-line usage errors here too
+    torchrun_args = torchrun_parser.parse_args(list(argv))
+
+    recipe_parser = TuneParser(prog="tune run", usage=USAGE)
+    _add_recipe_arguments(recipe_parser)
+    recipe_args = recipe_parser.parse_intermixed_args(torchrun_args.training_script_args)
+
+    script, entry = resolve_recipe(torchrun_args.training_script)
+    if entry is not None and not entry.supports_distributed:
+        distributed = [r.name for r in registry.RECIPES if r.supports_distributed]
+        choices = f"; distributed recipes: {', '.join(distributed)}" if distributed else ""
+        raise ValueError(
+            f"recipe {entry.name} runs on a single device; drop the torchrun options to run it{choices}"
+        )
+    # Check the config and overrides here, once, before any process starts.
+    cfg = load_config(recipe_args.config, recipe_args.overrides)
+    check_recipe_keys(cfg, script)
+
+    torchrun_args.training_script = str(script)
+    torchrun_args.training_script_args = ["--config", recipe_args.config, *recipe_args.overrides]
+    try:
+        run(torchrun_args)
+    except ChildFailedError as err:
+        ranks = sorted(err.failures)
+        first = err.failures[ranks[0]]
+        raise ChildProcessError(
+            f"{len(ranks)} recipe process(es) failed (rank {ranks[0]}: exit code {first.exitcode}); "
+            "their error is printed above"
+        ) from None
+    return 0

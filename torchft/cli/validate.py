@@ -1,0 +1,60 @@
+"""``tune validate <config> [overrides]``: check a config without running it; all problems at once."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torchft import registry
+from torchft.cli._common import add_subcommand
+from torchft.config._load import load_config
+from torchft.config._validate import validate
+
+EPILOG = """\
+examples:
+  tune validate llama3_2/1B_lora_single_device
+  tune validate my_lora.yaml --recipe lora_finetune_single_device optimizer.lr=1e-4
+
+checks: every _component_ imports and its arguments bind to its signature (arguments the recipe passes
+itself, such as the optimizer's params, are not asked for), ${...} interpolations resolve, no ??? is
+left, and, when the recipe is known, no top-level key is unknown to it.
+exit status: 0 when valid, 1 when a problem was found (each printed on its own line).
+"""
+
+
+def register(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "validate",
+        help="check a config and overrides without running anything",
+        description="Check a config (shipped name or YAML path) with optional key=value overrides.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("config", help="config name (see `tune ls`) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+    parser.add_argument(
+        "--recipe",
+        help="recipe whose keys to check against (default: the recipe a shipped config is registered under)",
+    )
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    recipe = registry.get_recipe(args.recipe) if args.recipe else None
+    if recipe is None:
+        found = registry.find_config(args.config)
+        recipe = found[0] if found else None
+    problems = validate(
+        cfg,
+        accepted_keys=registry.accepted_keys(recipe) if recipe else None,
+        runtime_args=recipe.runtime_args if recipe else None,
+    )
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        print(f"tune validate: {args.config}: {len(problems)} {noun}", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    checked = f" (keys checked against recipe {recipe.name})" if recipe else ""
+    print(f"OK: {args.config}{checked}")
+    return 0

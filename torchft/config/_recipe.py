@@ -1,0 +1,133 @@
+"""What every recipe script shares: the command line, one-line errors, and the saved resolved config.
+
+A recipe script defines ``def main(cfg: DictConfig) -> None`` and ends with::
+
+    if __name__ == "__main__":
+        recipe_main(main)
+
+so it runs as ``python recipes/lora_finetune_single_device.py --config NAME [overrides]``, under
+``torchrun ... script.py --config NAME [overrides]`` (what ``tune run`` with torchrun options launches),
+and in-process under ``tune run`` (which imports the script and calls ``main(cfg)`` itself).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from torchft.config._load import load_config
+from torchft.config._validate import unknown_key_problems
+
+log = logging.getLogger("torchft")
+
+SAVED_CONFIG_NAME = "torchft_config.yaml"
+
+# Errors a user triggers (a wrong path, a bad value): the message says it all, no type name needed.
+_USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def debug_enabled(argv: Sequence[str] = ()) -> bool:
+    return "--debug" in argv or os.environ.get("TUNE_DEBUG", "") not in ("", "0", "false", "False")
+
+
+def error_line(exc: BaseException) -> str:
+    """One line describing ``exc`` for a terminal: the first line of its message, type name if unusual."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and message == repr(exc.args[0]):
+        message = f"missing key {message}"
+    if not isinstance(exc, _USER_ERRORS):
+        message = f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+    return message
+
+
+def exit_with_error(exc: BaseException, prog: str, debug: bool) -> NoReturn:
+    """Print ``<prog>: error: <one line>`` on stderr (the traceback first when debugging) and exit."""
+    if debug:
+        traceback.print_exception(exc)
+    print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
+    sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+def setup_logging() -> None:
+    """INFO messages from torchft go to stderr unless the application configured logging itself."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def log_and_save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
+    """Log the resolved config and write it to ``<output_dir>/torchft_config.yaml``; returns that path.
+
+    Interpolations are resolved, so the saved file reruns the exact same run
+    (``tune run RECIPE --config <output_dir>/torchft_config.yaml``). In a distributed run only rank 0
+    logs and writes.
+    """
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = Path(output_dir) / SAVED_CONFIG_NAME
+    if not _is_main_process():
+        return path
+    log.info("Running with config:\n%s", text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    return path
+
+
+def check_recipe_keys(cfg: DictConfig, script: str | Path | None) -> None:
+    """Refuse top-level keys the (registered) recipe does not read, so ``max_step: 10`` is not ignored."""
+    if script is None:
+        return
+    from torchft import registry
+
+    recipe = registry.recipe_for_script(script)
+    if recipe is None:
+        return
+    problems = unknown_key_problems(cfg, registry.accepted_keys(recipe))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def recipe_main(main: Callable[[DictConfig], object], argv: Sequence[str] | None = None) -> NoReturn:
+    """Command line of a recipe script: ``--config NAME_OR_PATH [key=value ...] [--debug]``.
+
+    Loads the config, applies the overrides, refuses unknown top-level keys of a registered recipe,
+    calls ``main(cfg)`` and exits 0; any error prints one line on stderr and exits 1.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = getattr(sys.modules.get(main.__module__), "__file__", None)
+    prog = Path(script).name if script else "recipe"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run this recipe with a config and optional key=value overrides.",
+        epilog=f"example:\n  python {prog} --config quickstart/lora_single_device max_steps=10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="shipped config name or path to a YAML file")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+    args = parser.parse_intermixed_args(argv)
+    debug = debug_enabled(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_recipe_keys(cfg, script)
+        main(cfg)
+    except (Exception, KeyboardInterrupt) as exc:
+        exit_with_error(exc, prog, debug)
+    sys.exit(0)

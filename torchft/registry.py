@@ -1,0 +1,157 @@
+"""The recipes ``tune`` knows by name, and the shipped configs each one runs with.
+
+An explicit list, kept honest by tests/cli/test_registry.py: every script listed here exists, every
+config listed here exists and passes ``tune validate``, and every YAML under recipes/configs is listed
+under some recipe. To add a recipe: drop ``recipes/<name>.py`` (defining ``main(cfg)``, see
+torchft.config) and its YAMLs under ``recipes/configs/<family>/``, then add a ``Recipe`` below.
+
+Paths are relative to the package ``torchft._recipes`` (the source tree's ``recipes/`` folder), so an
+installed wheel finds them too. Importing this module never imports torch.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from torchft.config._load import did_you_mean, load_yaml
+
+
+@dataclass(frozen=True)
+class Config:
+    """A shipped config: ``name`` is ``<family>/<file stem>`` (or the stem for a top-level file)."""
+
+    name: str
+    file_path: str  # relative to torchft._recipes, e.g. "configs/llama3_2/1B_lora_single_device.yaml"
+
+    @property
+    def path(self) -> Path:
+        return _recipes_root() / self.file_path
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe script and the configs it ships with.
+
+    ``config_keys``: the top-level keys the recipe reads; when empty, the union of the top-level keys of
+    its shipped configs is used (so a key every shipped config lacks is reported as unknown).
+    ``runtime_args``: ``{config key: (argument, ...)}`` the script passes itself when instantiating
+    that node, on top of ``torchft.config.RUNTIME_ARGS``; ``tune validate`` then does not ask for them.
+    """
+
+    name: str
+    file_path: str  # relative to torchft._recipes, e.g. "lora_finetune_single_device.py"
+    supports_distributed: bool
+    configs: tuple[Config, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    runtime_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return _recipes_root() / self.file_path
+
+
+def _recipes_root() -> Path:
+    return Path(str(importlib.resources.files("torchft._recipes")))
+
+
+def _configs(*names: str) -> tuple[Config, ...]:
+    return tuple(Config(name, f"configs/{name}.yaml") for name in names)
+
+
+RECIPES: list[Recipe] = [
+    Recipe(
+        name="full_finetune_single_device",
+        file_path="full_finetune_single_device.py",
+        supports_distributed=False,
+        configs=_configs(
+            "quickstart/full_single_device",
+            "llama2/7B_full_single_device",
+            "llama3/8B_full_single_device",
+            "llama3_1/8B_full_single_device",
+            "llama3_2/1B_full_single_device",
+            "llama3_2/3B_full_single_device",
+        ),
+    ),
+    Recipe(
+        name="lora_finetune_single_device",
+        file_path="lora_finetune_single_device.py",
+        supports_distributed=False,
+        configs=_configs(
+            "quickstart/lora_single_device",
+            "llama2/7B_lora_single_device",
+            "llama2/7B_qlora_single_device",
+            "llama3/8B_lora_single_device",
+            "llama3/8B_qlora_single_device",
+            "llama3_1/8B_lora_single_device",
+            "llama3_1/8B_qlora_single_device",
+            "llama3_2/1B_lora_single_device",
+            "llama3_2/1B_qlora_single_device",
+            "llama3_2/3B_lora_single_device",
+            "llama3_2/3B_qlora_single_device",
+        ),
+    ),
+    Recipe(
+        name="eleuther_eval",
+        file_path="eleuther_eval.py",
+        supports_distributed=False,
+        configs=_configs("eleuther_evaluation"),
+    ),
+    Recipe(name="generate", file_path="generate.py", supports_distributed=False, configs=_configs("generation")),
+    Recipe(name="quantize", file_path="quantize.py", supports_distributed=False, configs=_configs("quantization")),
+]
+
+
+def recipe_names() -> list[str]:
+    return [recipe.name for recipe in RECIPES]
+
+
+def all_configs() -> list[tuple[Recipe, Config]]:
+    return [(recipe, config) for recipe in RECIPES for config in recipe.configs]
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe called ``name``; a ValueError listing close matches otherwise."""
+    for recipe in RECIPES:
+        if recipe.name == name:
+            return recipe
+    hint = did_you_mean(name, recipe_names()) or " (see `tune ls`)"
+    raise ValueError(f"no recipe named '{name}'{hint}")
+
+
+def find_config(name: str) -> tuple[Recipe, Config] | None:
+    """The (recipe, config) registered under that config name, or None."""
+    for recipe, config in all_configs():
+        if config.name == name:
+            return recipe, config
+    return None
+
+
+def recipe_for_script(path: str | Path) -> Recipe | None:
+    """The registered recipe whose script is the file at ``path`` (None for a user's own script)."""
+    try:
+        resolved = Path(path).resolve()
+    except OSError:
+        return None
+    for recipe in RECIPES:
+        if recipe.path.resolve() == resolved:
+            return recipe
+    return None
+
+
+def accepted_keys(recipe: Recipe) -> frozenset[str]:
+    """Top-level config keys the recipe reads: declared ones, else the union over its shipped configs."""
+    if recipe.config_keys:
+        return frozenset(recipe.config_keys)
+    return _shipped_keys(tuple(str(config.path) for config in recipe.configs))
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_keys(paths: tuple[str, ...]) -> frozenset[str]:
+    keys: set[str] = set()
+    for path in paths:
+        if Path(path).is_file():
+            keys.update(str(k) for k in load_yaml(path).keys())
+    return frozenset(keys)
