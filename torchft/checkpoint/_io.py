@@ -1,0 +1,155 @@
+"""Helpers shared by every checkpoint format: errors, atomic folder writes, support-file copies."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is malformed; the message names the file and the problem."""
+
+
+def require_dir(path: str | os.PathLike, what: str = "checkpoint folder") -> Path:
+    """Return ``path`` as a Path, or raise FileNotFoundError naming it when it is not a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: {what} is not a folder")
+    return path
+
+
+def refuse_nested_output(output_dir: str | os.PathLike, input_dir: str | os.PathLike | None) -> None:
+    """Refuse an output folder equal to, or inside, the input checkpoint folder.
+
+    Saving there would mix outputs with the weights being read (and a later load of the input folder
+    would pick up the outputs' shards).
+    """
+    if input_dir is None:
+        return
+    out = Path(output_dir).resolve()
+    src = Path(input_dir).resolve()
+    if out == src or src in out.parents:
+        raise CheckpointError(
+            f"{output_dir}: output folder must not be inside the input checkpoint folder {input_dir}"
+        )
+
+
+def _fsync_tree(root: Path) -> None:
+    # Flush file contents, then the folder entries, so a crash right after the rename cannot leave a
+    # complete-looking folder with empty files.
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``target``; rename it to ``target`` when the block succeeds.
+
+    The temporary folder is named ``.<target name>.tmp-XXXX`` (hidden, never matched as a step
+    folder). If the block raises, it is removed and ``target`` is untouched, so an interrupted save
+    never leaves a folder that looks complete. With ``overwrite=True`` an existing ``target`` is
+    replaced (moved aside, then deleted once the new folder is in place); otherwise an existing,
+    non-empty ``target`` is an error.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target}: output path exists and is not a folder")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target}: output folder exists and is not empty (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "replaced")
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# Files a downstream tool needs next to the weights: tokenizer, chat template, generation defaults.
+SUPPORT_FILE_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template*",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "original/tokenizer.model",
+    "original/tokenizer.json",
+    ".torchft_repo_id",
+)
+
+
+def copy_support_files(src_dir: str | os.PathLike | None, dst_dir: Path) -> list[str]:
+    """Copy tokenizer / generation files (``SUPPORT_FILE_PATTERNS``) from ``src_dir``; return their names."""
+    if src_dir is None:
+        return []
+    src_dir = require_dir(src_dir, "folder to copy tokenizer files from")
+    copied = []
+    for pattern in SUPPORT_FILE_PATTERNS:
+        for src in sorted(src_dir.glob(pattern)):
+            if not src.is_file():
+                continue
+            rel = src.relative_to(src_dir)
+            if (dst_dir / rel).exists():
+                continue
+            (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst_dir / rel)
+            copied.append(str(rel))
+    return copied
+
+
+_SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"5GB"`` (powers of 10) / ``"500MiB"`` (powers of 2)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size ({size}) must be positive")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size ({size!r}) must be a byte count or a string like '5GB' or '500MiB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def to_plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain, contiguous CPU-or-device tensor from a parameter, DTensor or NF4 weight, for saving."""
+    if hasattr(tensor, "full_tensor"):  # DTensor (FSDP2): gather the full weight.
+        tensor = tensor.full_tensor()
+    if hasattr(tensor, "get_original_weight"):  # torchao NF4Tensor: dequantize to its original dtype.
+        tensor = tensor.get_original_weight()
+    if isinstance(tensor, torch.nn.Parameter):
+        tensor = tensor.data
+    return tensor.detach().contiguous()

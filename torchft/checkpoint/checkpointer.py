@@ -1,0 +1,261 @@
+"""Checkpointers used by the fine-tuning recipes: load the input model, save ``step_<N>/`` folders.
+
+    ckpt = HFCheckpointer(checkpoint_dir, output_dir, keep_last_n=3)
+    args = ckpt.model_args                         # LlamaArgs from config.json
+    with torch.device("meta"):
+        model = from_hf_config(args.to_hf_config())
+    model.load_state_dict(ckpt.load_model_state_dict(), assign=True)
+    ...
+    ckpt.save(step, model.state_dict(), training_state={...})   # -> output_dir/step_<step>/
+
+Every step folder is written to a hidden temporary folder and renamed into place, so a folder named
+``step_<N>`` is always complete; older folders are pruned only after the new one is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from torchft.checkpoint._io import atomic_directory, copy_support_files, refuse_nested_output, require_dir
+from torchft.checkpoint.hf import (
+    drop_tied_output,
+    load_hf_args,
+    load_hf_checkpoint,
+    read_hf_config,
+    write_hf_weights,
+    CONFIG_FILE,
+)
+from torchft.checkpoint.meta import load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights
+
+TRAINING_STATE_FILE = "training_state.pt"
+REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def step_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete ``step_<N>`` folders under ``output_dir`` as ``(N, path)``, by increasing N."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_step_dir(output_dir: str | os.PathLike, *, require_training_state: bool = False) -> Path | None:
+    """The ``step_<N>`` folder with the highest N (only those with ``training_state.pt`` if asked), or None.
+
+    Temporary folders of an interrupted save are hidden (``.step_<N>.tmp-*``) and never returned.
+    """
+    for _, path in reversed(step_dirs(output_dir)):
+        if not require_training_state or (path / TRAINING_STATE_FILE).is_file():
+            return path
+    return None
+
+
+def resolve_resume_dir(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -> Path | None:
+    """Turn a recipe's ``resume_from_checkpoint`` value into the step folder to resume from.
+
+    ``None``/``False``/``""`` -> None (fresh start); ``True`` or ``"latest"`` -> the latest step
+    folder of ``output_dir`` holding ``training_state.pt``; a path -> that folder. Errors name the folder.
+    """
+    if resume_from_checkpoint in (None, False, ""):
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+        found = latest_step_dir(output_dir, require_training_state=True)
+        if found is None:
+            raise FileNotFoundError(f"{output_dir}: no step_<N> folder with {TRAINING_STATE_FILE} to resume from")
+        return found
+    path = require_dir(resume_from_checkpoint, "checkpoint folder to resume from")
+    if not (path / TRAINING_STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path / TRAINING_STATE_FILE}: training state not found, cannot resume")
+    return path
+
+
+def load_training_state(step_dir: str | os.PathLike, *, weights_only: bool = True) -> dict:
+    """The ``training_state`` dict saved in ``step_dir`` (tensors on CPU).
+
+    ``weights_only=True`` accepts tensors, numbers, strings, lists, tuples and dicts (optimizer and
+    LR-scheduler state dicts, ``torch.get_rng_state()``, ``random.getstate()``); pass False for other
+    Python objects in a file you trust.
+    """
+    path = require_dir(step_dir) / TRAINING_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training state not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable training state ({err})") from err
+
+
+class _StepCheckpointer:
+    """Shared by the format-specific checkpointers; subclasses define the model files."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        keep_last_n: int | None = None,
+        *,
+        base_model_name_or_path: str | None = None,
+    ):
+        self.checkpoint_dir = require_dir(checkpoint_dir)
+        refuse_nested_output(output_dir, checkpoint_dir)
+        if keep_last_n is not None and keep_last_n < 1:
+            raise ValueError(f"keep_last_n ({keep_last_n}) must be at least 1 (or None to keep every step)")
+        self.output_dir = Path(output_dir)
+        self.keep_last_n = keep_last_n
+        self.base_model_name_or_path = base_model_name_or_path or self._recorded_repo_id()
+        self._model_args = None
+
+    def _recorded_repo_id(self) -> str | None:
+        path = self.checkpoint_dir / REPO_ID_FILE
+        if path.is_file():
+            repo_id = path.read_text().strip()
+            return repo_id or None
+        return None
+
+    @property
+    def model_args(self):
+        """``torchft.models.LlamaArgs`` of the input checkpoint (read once)."""
+        if self._model_args is None:
+            self._model_args = self._read_args()
+        return self._model_args
+
+    def step_dir(self, step: int) -> Path:
+        """``<output_dir>/step_<step>``."""
+        return self.output_dir / f"step_{int(step)}"
+
+    def latest_step_dir(self, *, require_training_state: bool = True) -> Path | None:
+        """Latest complete step folder of ``output_dir`` (resumable ones by default), or None."""
+        return latest_step_dir(self.output_dir, require_training_state=require_training_state)
+
+    load_training_state = staticmethod(load_training_state)
+
+    def save(
+        self,
+        step: int,
+        model_state_dict: Mapping[str, torch.Tensor] | None,
+        *,
+        adapter_model: torch.nn.Module | None = None,
+        adapter_kwargs: Mapping[str, Any] | None = None,
+        training_state: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write ``<output_dir>/step_<step>/`` atomically and return its path.
+
+        Args:
+            step: the optimizer step (the folder's number).
+            model_state_dict: full model weights with torchft keys (merged: no adapter keys), or
+                None for an adapter-only folder.
+            adapter_model: a model with LoRA/DoRA layers; its adapter is written with
+                ``save_peft_adapter(adapter_model, folder, base_model_name_or_path=..., **adapter_kwargs)``.
+            training_state: opaque dict (optimizer, LR schedule, dataloader, RNG, step...) written
+                to ``training_state.pt``; read back with ``load_training_state(step_dir)``.
+
+        A step folder that already exists is replaced. After the new folder is in place, older
+        step folders beyond ``keep_last_n`` are removed.
+        """
+        target = self.step_dir(step)
+        with atomic_directory(target, overwrite=True) as tmp:
+            if model_state_dict is not None:
+                self._write_model(model_state_dict, tmp)
+            copy_support_files(self.checkpoint_dir, tmp)
+            if adapter_model is not None:
+                from torchft.checkpoint.peft import save_peft_adapter
+
+                save_peft_adapter(adapter_model, tmp, base_model_name_or_path=self.base_model_name_or_path,
+                                  **dict(adapter_kwargs or {}))
+            if training_state is not None:
+                torch.save(dict(training_state), tmp / TRAINING_STATE_FILE)
+        self._prune(keep=target)
+        return target
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last_n is None:
+            return
+        others = [path for _, path in step_dirs(self.output_dir) if path != keep]
+        for path in others[: max(0, len(others) - (self.keep_last_n - 1))]:
+            # Rename first: a deletion cut short must not leave a half-empty folder named step_<N>.
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.deleting-", dir=self.output_dir))
+            os.rename(path, trash / path.name)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # Subclasses ----------------------------------------------------------------------------------
+    def _read_args(self):
+        raise NotImplementedError
+
+    def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _write_model(self, state_dict: Mapping[str, torch.Tensor], folder: Path) -> None:
+        raise NotImplementedError
+
+
+class HFCheckpointer(_StepCheckpointer):
+    """Reads an HF Llama folder; writes HF step folders that transformers (and peft) load as is.
+
+    Args:
+        checkpoint_dir: the input folder (``config.json``, safetensors or .bin weights, tokenizer files).
+        output_dir: where ``step_<N>/`` folders go; must not be inside ``checkpoint_dir``.
+        keep_last_n: keep only this many step folders (None keeps all).
+        max_shard_size: shard size of saved weights (``"5GB"``, ``"500MiB"`` or bytes).
+        base_model_name_or_path: written into ``adapter_config.json``; defaults to the repo id
+            ``tune download`` recorded in ``checkpoint_dir/.torchft_repo_id``, else None.
+
+    A step folder holds ``model*.safetensors`` (+ index), the input's ``config.json``, the copied
+    tokenizer / generation files, ``adapter_model.safetensors`` + ``adapter_config.json`` when an
+    adapter model is passed, and ``training_state.pt`` when a training state is passed.
+    """
+
+    def __init__(self, checkpoint_dir, output_dir, keep_last_n=None, *, max_shard_size: int | str = "5GB",
+                 base_model_name_or_path: str | None = None):
+        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path)
+        self.max_shard_size = max_shard_size
+        self.hf_config = read_hf_config(self.checkpoint_dir)
+
+    def _read_args(self):
+        return load_hf_args(self.checkpoint_dir)
+
+    def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """torchft state dict of the input (or of a saved ``step_dir``), checked against ``model_args``."""
+        return load_hf_checkpoint(step_dir or self.checkpoint_dir, expected=self.model_args)
+
+    def _write_model(self, state_dict, folder):
+        state_dict = drop_tied_output(state_dict, self.hf_config)
+        write_hf_weights(state_dict, folder, self.max_shard_size)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.hf_config, indent=2, sort_keys=True) + "\n")
+
+
+class MetaCheckpointer(_StepCheckpointer):
+    """Reads a Meta folder (``consolidated.00.pth`` + ``params.json``); writes the same format per step.
+
+    Same surface as ``HFCheckpointer``. ``max_seq_len`` overrides the context length, which Meta's
+    ``params.json`` does not record. Step folders hold ``consolidated.00.pth``, the input's
+    ``params.json``, the copied ``tokenizer.model``, and the adapter / training state when given.
+    """
+
+    def __init__(self, checkpoint_dir, output_dir, keep_last_n=None, *, max_seq_len: int | None = None,
+                 base_model_name_or_path: str | None = None):
+        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path)
+        self.max_seq_len = max_seq_len
+        self.params = read_meta_params(self.checkpoint_dir)
+
+    def _read_args(self):
+        return load_meta_args(self.checkpoint_dir, max_seq_len=self.max_seq_len)
+
+    def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """torchft state dict (q/k in rotate-half layout) of the input or of a saved ``step_dir``."""
+        return load_meta_checkpoint(step_dir or self.checkpoint_dir, expected=self.model_args)
+
+    def _write_model(self, state_dict, folder):
+        write_meta_weights(state_dict, folder, self.params)
