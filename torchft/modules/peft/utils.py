@@ -146,13 +146,25 @@ def validate_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             )
 
 
-def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, assign: bool = False) -> None:
+def load_base_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    assign: bool = False,
+    device: torch.device | str | None = None,
+) -> None:
     """Load base weights into a LoRA model: only adapter keys may be missing (checked first).
 
     Use ``assign=True`` for a model built on ``meta``; NF4 layers quantize their weights on load.
+    With ``device``, tensors are moved there one at a time just before they are loaded, so a
+    memory-mapped CPU checkpoint is quantized on the GPU without ever holding it all there.
     """
     validate_lora_state_dict(model, state_dict, kind="base")
-    model.load_state_dict(state_dict, strict=False, assign=assign)
+    if device is None:
+        model.load_state_dict(state_dict, strict=False, assign=assign)
+        return
+    for key, tensor in state_dict.items():
+        model.load_state_dict({key: tensor.to(device)}, strict=False, assign=assign)
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
