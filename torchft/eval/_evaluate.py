@@ -147,11 +147,11 @@ def evaluate(
 
 
 def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``{"task/metric": value}`` from an lm-eval results dict (stderr entries and "alias" dropped)."""
+    """``{"task/metric": value}`` from an lm-eval results dict (stderr, alias and sample counts dropped)."""
     metrics = {}
     for task, values in results["results"].items():
         for key, value in values.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
             metrics[f"{task}/{key.split(',')[0]}"] = float(value)
     return metrics
