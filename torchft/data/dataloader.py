@@ -1,0 +1,144 @@
+"""A seeded, resumable data loader: a resumed run sees exactly the batches it would have seen.
+
+The order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so the whole
+random state is (seed, epoch); the position is the number of batches already handed out in that epoch.
+``state_dict()`` saves these; ``load_state_dict()`` restores them and the next iteration continues at the
+following batch. With several ranks, each takes every ``world_size``-th sample of the permutation.
+
+    loader = build_dataloader(dataset, batch_size=4, collate_fn=..., seed=0)
+    for epoch in range(loader.epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            ...
+            state = loader.state_dict()
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from torchft.data.collate import packed_collate, padded_collate
+
+
+class ResumableDataLoader:
+    """Batches of ``dataset`` in a seeded order, with ``state_dict`` / ``load_state_dict`` / ``set_epoch``."""
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        collate_fn,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
+        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out
+        if len(self) == 0:
+            raise ValueError(
+                f"dataset of {len(dataset)} samples gives no batch of batch_size={batch_size} on "
+                f"{world_size} rank(s) with drop_last={drop_last}"
+            )
+
+    def _indices(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        # Every rank gets the same number of samples: drop the tail that does not divide evenly.
+        per_rank = n // self.world_size
+        return order[self.rank : per_rank * self.world_size : self.world_size]
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        indices = self._indices(epoch)
+        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __len__(self) -> int:
+        per_rank = len(self.dataset) // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` (from its first batch); the current epoch keeps its position (resume)."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __iter__(self):
+        batches = self._batches(self.epoch)[self.position :]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        for batch in loader:
+            # Counted when handed out: a state saved while this batch is in use resumes after it.
+            self.position += 1
+            yield batch
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_samples": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, current in (("batch_size", self.batch_size), ("world_size", self.world_size),
+                             ("num_samples", len(self.dataset))):
+            if state[key] != current:
+                raise ValueError(
+                    f"cannot resume the data order: saved {key}={state[key]} but this run has {key}={current}"
+                )
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+
+
+def build_dataloader(
+    dataset,
+    batch_size: int,
+    collate_fn=None,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = True,
+    *,
+    pad_id: int = 0,
+    device=None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> ResumableDataLoader:
+    """A :class:`ResumableDataLoader`. Without ``collate_fn`` the collate matches the dataset:
+    :func:`packed_collate` (mask built for ``device``) for packed datasets, else :func:`padded_collate`
+    with ``pad_id`` (pass ``tokenizer.pad_id``)."""
+    if collate_fn is None:
+        if getattr(dataset, "packed", False):
+            collate_fn = functools.partial(packed_collate, device=device if num_workers == 0 else None)
+        else:
+            collate_fn = functools.partial(padded_collate, pad_id=pad_id)
+    return ResumableDataLoader(
+        dataset, batch_size, collate_fn, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
+        world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
+    )

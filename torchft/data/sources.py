@@ -1,0 +1,112 @@
+"""Where rows come from: local json/jsonl/csv/parquet/txt files or dataset names on the HF hub.
+
+Local text files are checked before ``datasets`` parses them, so a bad byte or a malformed JSON line is
+reported as ``file:line`` / ``file: byte offset`` instead of a deep parser traceback.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+# source name -> the HF ``datasets`` builder that reads it
+LOCAL_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text", "txt": "text"}
+_TEXT_BUILDERS = {"json", "csv", "text"}
+_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+
+
+def _local_files(data_files) -> list[str]:
+    if isinstance(data_files, dict):
+        files = [f for v in data_files.values() for f in ([v] if isinstance(v, str) else v)]
+    elif isinstance(data_files, str):
+        files = [data_files]
+    else:
+        files = list(data_files)
+    paths = []
+    for f in files:
+        matches = sorted(glob.glob(f)) if any(c in f for c in "*?[") else [f]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(f"data file not found: {f}")
+        paths.extend(matches)
+    return paths
+
+
+def check_text_file(path: str, jsonl: bool = False) -> None:
+    """Raise ValueError at the first non-UTF-8 byte (with its offset) or, for JSONL, the first bad line."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: not valid UTF-8 at byte offset {offset + e.start} (line {lineno})"
+                ) from None
+            if jsonl and text.strip():
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            offset += len(line)
+
+
+def _is_jsonl(path: str) -> bool:
+    """A .jsonl file, or a .json file that is not one JSON document (an array or a pretty-printed object)."""
+    if path.endswith(".jsonl"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        return False
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        json.loads(first)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # One JSON document over several lines: datasets parses it whole; check that it parses.
+        with open(path, "rb") as f:
+            try:
+                json.loads(f.read())
+            except UnicodeDecodeError:
+                return True  # let the line check report the offset
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        return False
+
+
+def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs):
+    """Load a ``datasets.Dataset`` of rows.
+
+    Args:
+        source: ``json`` (also JSONL), ``csv``, ``parquet``, ``text``/``txt`` (one row per line, column
+            ``text``) with ``data_files``; a path to such a file; or a dataset name on the HF hub.
+        data_files: file path(s) or glob(s) for local sources (also passed through for hub datasets).
+        split: split to load (``train``, ``validation``, ``train[:90%]`` ...). Local files are assigned to it.
+        load_kwargs: forwarded to ``datasets.load_dataset`` (``name``, ``revision``, ``field`` ...).
+    """
+    import datasets
+
+    builder = LOCAL_BUILDERS.get(source)
+    if builder is None and data_files is None and os.path.exists(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in _EXTENSIONS:
+            raise ValueError(f"{source}: unknown file type {ext!r}; use one of {', '.join(sorted(_EXTENSIONS))}")
+        builder, data_files = _EXTENSIONS[ext], source
+    if builder is not None:
+        if data_files is None:
+            raise ValueError(f"source={source!r} reads local files: set data_files to a path")
+        files = _local_files(data_files)
+        if builder in _TEXT_BUILDERS:
+            for path in files:
+                check_text_file(path, jsonl=builder == "json" and _is_jsonl(path))
+        if not isinstance(data_files, dict):
+            # Local files become the requested split (``train[:10%]`` slices the ``train`` split).
+            data_files = {split.split("[")[0]: files}
+        rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_kwargs)
+    else:
+        rows = datasets.load_dataset(source, data_files=data_files, split=split, **load_kwargs)
+    if len(rows) == 0:
+        where = data_files if data_files is not None else source
+        raise ValueError(f"dataset {where} is empty (0 rows in split {split!r})")
+    return rows

@@ -1,0 +1,138 @@
+"""A tokenizer from a Hugging Face model folder: ``tokenizer.json`` + ``tokenizer_config.json``.
+
+Text goes through the ``tokenizers`` package; chats through the folder's own Jinja chat template. The
+template owns BOS in chats, so rendered chats are tokenized without the tokenizer's post-processor
+(which would add a second BOS).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import Tokenizer
+
+from torchft.data.tokenizers._base import BaseTokenizer
+
+
+def _token_text(value):
+    # tokenizer_config.json spells special tokens either as a string or as {"content": ...}.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _compile_template(source: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+class HFTokenizer(BaseTokenizer):
+    """Tokenizer of an HF model folder. Build it with :func:`hf_tokenizer`."""
+
+    def __init__(self, model_dir: str, max_seq_len: int | None = None):
+        tokenizer_file = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"{model_dir}: no tokenizer.json in this folder")
+        try:
+            self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        except Exception as e:  # the tokenizers package raises a bare Exception on bad files
+            raise ValueError(f"{tokenizer_file}: not a tokenizers JSON file ({e})") from None
+        config_file = os.path.join(model_dir, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+        self.path = model_dir
+        self.max_seq_len = max_seq_len
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_id = self._token_id(self.bos_token, "bos_token")
+        self.eos_id = self._token_id(self.eos_token, "eos_token")
+        pad_token = _token_text(config.get("pad_token"))
+        self.pad_id = self._token_id(pad_token, "pad_token") if pad_token else (self.eos_id or 0)
+        self.stop_tokens = [self.eos_id] if self.eos_id is not None else []
+        gen_file = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gen_file):
+            with open(gen_file) as f:
+                eos = json.load(f).get("eos_token_id")
+            for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
+                if i not in self.stop_tokens:
+                    self.stop_tokens.append(i)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+        self._template = _compile_template(template) if template else None
+
+    def _token_id(self, text, field):
+        if text is None:
+            return None
+        token_id = self.tokenizer.token_to_id(text)
+        if token_id is None:
+            raise ValueError(f"{self.path}: {field} {text!r} is not in the vocabulary of tokenizer.json")
+        return token_id
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        """Token ids of ``text``; BOS/EOS added here only (never twice)."""
+        return self._wrap(self.tokenizer.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+
+    def encode_batch(self, texts, add_bos: bool = True, add_eos: bool = True):
+        batch = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [self._wrap(e.ids, add_bos, add_eos) for e in batch]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        """The chat template applied to ``messages`` (a string, not yet tokenized)."""
+        if self._template is None:
+            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template")
+        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        return self._template.render(
+            messages=dicts,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _tokenize_messages(self, messages, add_eos, add_generation_prompt):
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        # Character span of each message: the growth of the rendered text when it is added.
+        bounds = []
+        for i in range(len(messages) + 1):
+            try:
+                prefix = self.render(messages[:i])
+            except Exception:  # some templates refuse an empty conversation
+                if i:
+                    raise
+                prefix = ""
+            if not text.startswith(prefix):
+                raise ValueError(f"{self.path}: the chat template is not prefix-stable, per-message masks are undefined")
+            bounds.append(len(prefix))
+        if not add_eos and not add_generation_prompt:
+            # Leave the last message open: cut what the template writes after its content.
+            content = messages[-1].content.strip()
+            end = text.rfind(content, bounds[-2]) if content else -1
+            text = text[: end + len(content)] if end >= 0 else text
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        mask = []
+        for start, _ in encoding.offsets:
+            owner = next((j for j in range(len(messages)) if bounds[j] <= start < bounds[j + 1]), None)
+            mask.append(True if owner is None else messages[owner].masked)
+        return list(encoding.ids), mask
+
+
+def hf_tokenizer(model_dir: str, max_seq_len: int | None = None) -> HFTokenizer:
+    """Load the tokenizer of an HF model folder (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    return HFTokenizer(model_dir, max_seq_len=max_seq_len)
