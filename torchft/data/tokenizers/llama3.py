@@ -58,9 +58,7 @@ def load_ranks(path: str) -> dict[bytes, int]:
         if not line:
             continue
         if not _RANK_LINE.match(line):
-            hint = ""
-            if lineno == 1 and (b"\x00" in data[:4096] or b"<unk>" in data[:4096]):
-                hint = " (it looks like a sentencepiece model: load it with llama2_tokenizer)"
+            hint = " (it is a sentencepiece model: load it with llama2_tokenizer)" if _is_sentencepiece(data) else ""
             raise ValueError(
                 f"{path}:{lineno}: not a Llama 3 tiktoken ranks file; expected '<base64 token> <rank>' lines{hint}"
             )
@@ -76,6 +74,16 @@ def load_ranks(path: str) -> dict[bytes, int]:
     if set(ranks.values()) != expected:
         raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1} without gaps or repeats")
     return ranks
+
+
+def _is_sentencepiece(data: bytes) -> bool:
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)
+        return True
+    except Exception:  # sentencepiece raises RuntimeError or OSError, depending on the build
+        return False
 
 
 def write_ranks(ranks: dict[bytes, int], path: str) -> None:
