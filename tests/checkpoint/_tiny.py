@@ -1,6 +1,7 @@
 """Tiny random transformers Llama models (fp32, CPU) saved in the HF and Meta layouts for checkpoint tests."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def tiny_hf_model(variant: str = "llama3", seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                         **VARIANTS[variant])
+                         **copy.deepcopy(VARIANTS[variant]))  # transformers edits the dicts it gets
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

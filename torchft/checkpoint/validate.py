@@ -40,18 +40,18 @@ def expected_shapes(expected: Any) -> dict[str, torch.Size]:
     return {k: torch.Size(v.shape) for k, v in expected.state_dict().items()}
 
 
-def _file_for(key: str, sources: Mapping[str, os.PathLike] | None, default: str) -> str:
-    """The file to blame for ``key``: its own file, else the file holding a sibling of the same layer."""
+def _file_for(key: str, order: list[str], sources: Mapping[str, os.PathLike] | None, default: str) -> str:
+    """The file to blame for ``key``: its own, else the file holding the nearest key before it in
+    model order (where a checkpoint writer would have put it), else ``default``."""
     if not sources:
         return default
     if key in sources:
         return str(sources[key])
-    parts = key.split(".")
-    prefix = ".".join(parts[:2]) + "." if parts[0] == "layers" and len(parts) > 2 else None
-    if prefix:
-        for other, path in sources.items():
-            if other.startswith(prefix):
-                return str(path)
+    if key in order:
+        position = order.index(key)
+        for neighbour in [*reversed(order[:position]), *order[position + 1:]]:
+            if neighbour in sources:
+                return str(sources[neighbour])
     return default
 
 
@@ -86,18 +86,21 @@ def check_state_dict(
     missing = [k for k in want if k not in state_dict and not (allow_missing_adapters and is_adapter_key(k))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{_file_for(missing[0], sources, str(where))}: missing key {spell(missing[0])}{more}")
+        raise CheckpointError(f"{_file_for(missing[0], list(want), sources, str(where))}: missing key {spell(missing[0])}{more}")
     unexpected = [k for k in state_dict if k not in want]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(
-            f"{_file_for(unexpected[0], sources, str(where))}: unexpected key {spell(unexpected[0])}{more}"
+            f"{_file_for(unexpected[0], list(want), sources, str(where))}: unexpected key {spell(unexpected[0])}{more}"
         )
-    for key, value in state_dict.items():
+    for key in want:  # model order: the first mismatch reported is the first in the network
+        if key not in state_dict:
+            continue
+        value = state_dict[key]
         shape = torch.Size(value.shape if hasattr(value, "shape") else value)
         if shape != want[key]:
             raise CheckpointError(
-                f"{_file_for(key, sources, str(where))}: {spell(key)} has shape {list(shape)} "
+                f"{_file_for(key, list(want), sources, str(where))}: {spell(key)} has shape {list(shape)} "
                 f"but the model config expects {list(want[key])}"
             )
 
