@@ -5,6 +5,7 @@ Used by the generation, evaluation and quantization tests: the same weights go t
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 WORDS = (
     "the a an cat dog bird fish tree house river sun moon red blue green big small old new runs sleeps "
     "sings swims is was and or but on in under over near far yes no one two three four five six seven "
-    "eight nine ten question answer true false what where who why how color sky grass water fire"
+    "eight nine ten question answer true false what where who why how color sky grass water fire user assistant system"
 ).split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TOKENS = SPECIALS + WORDS + list(".,?!:;'\"-0123456789")
@@ -56,6 +57,14 @@ def make_pair(seed: int = 0, **config_kwargs):
     return hf_model, model
 
 
+def save_tiny_checkpoint(folder: Path, seed: int = 0, **config_kwargs):
+    """An HF model folder (config.json, model.safetensors, tokenizer files); returns (folder, hf_model)."""
+    hf_model, _ = make_pair(seed=seed, **config_kwargs)
+    hf_model.save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder, hf_model
+
+
 def save_tiny_tokenizer(folder: Path) -> Path:
     """A word-level tokenizer (with BOS added like Llama's) saved in the Hugging Face folder layout."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
@@ -69,6 +78,16 @@ def save_tiny_tokenizer(folder: Path) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
     )
+    # A small chat format: "<s> user : hi . assistant : ..." (every piece is in the vocabulary).
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(folder)
+    # transformers 5 writes the template to chat_template.jinja; older readers look in tokenizer_config.json.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("chat_template", fast.chat_template)
+    config_path.write_text(json.dumps(config, indent=2))
     return folder

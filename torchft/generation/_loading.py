@@ -1,0 +1,85 @@
+"""Load a model for inference (generation, evaluation, quantization) from an HF checkpoint folder,
+optionally with a PEFT adapter folder on top, optionally merged into plain weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def adapter_build_kwargs(adapter_dir: str | Path) -> dict[str, Any]:
+    """Builder arguments (``lora_attn_modules``, ``lora_rank``...) that recreate the adapter described by
+    ``<adapter_dir>/adapter_config.json`` (the HF PEFT format)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter_dir {adapter_dir}: no adapter_config.json in this folder")
+    config = json.loads(path.read_text())
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = sorted(set(targets) - set(_ATTN) - set(_MLP) - {"lm_head"})
+    if unknown:
+        raise ValueError(f"{path}: target_modules {unknown} are not Llama linears ({', '.join(_ATTN + _MLP)}, lm_head)")
+    mlp = [t for t in targets if t in _MLP]
+    if mlp and len(mlp) != len(_MLP):
+        raise ValueError(f"{path}: target_modules must name all of {', '.join(_MLP)} or none, got {mlp}")
+    return dict(
+        lora_attn_modules=[t for t in _ATTN if t in targets],
+        apply_lora_to_mlp=bool(mlp),
+        apply_lora_to_output="lm_head" in targets,
+        lora_rank=int(config["r"]),
+        lora_alpha=float(config["lora_alpha"]),
+        use_dora=bool(config.get("use_dora", False)),
+    )
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    merge_adapter: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> nn.Module:
+    """Build the model ``<checkpoint_dir>/config.json`` describes and load its weights (eval mode).
+
+    Args:
+        checkpoint_dir: an HF folder (``config.json`` + safetensors), e.g. a ``step_<N>/`` output.
+        adapter_dir: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``);
+            the model is then built with matching LoRA/DoRA layers and the adapter loaded into them.
+        merge_adapter: fold the adapter into the base weights and return a plain model.
+        dtype: weights dtype (adapters included).
+    """
+    from torchft.checkpoint import load_hf_checkpoint
+    from torchft.models import from_hf_config
+
+    lora_kwargs = adapter_build_kwargs(adapter_dir) if adapter_dir is not None else {}
+    with torch.device("meta"):
+        model = from_hf_config(Path(checkpoint_dir), **lora_kwargs)
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in load_hf_checkpoint(checkpoint_dir).items()}
+    model.load_state_dict(state_dict, strict=not lora_kwargs, assign=True)
+    if lora_kwargs:
+        # Adapter parameters are still on meta: give them storage, then fill them from the adapter folder.
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.is_meta:
+                    setattr(module, name, nn.Parameter(torch.zeros(param.shape, dtype=dtype, device=device),
+                                                       requires_grad=False))
+        from torchft.checkpoint import load_peft_adapter
+
+        load_peft_adapter(model, adapter_dir)
+        if merge_adapter:
+            from torchft.modules.peft import get_merged_state_dict
+
+            merged = get_merged_state_dict(model)
+            with torch.device("meta"):
+                model = from_hf_config(Path(checkpoint_dir))
+            model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in merged.items()}, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
