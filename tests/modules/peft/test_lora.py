@@ -73,6 +73,17 @@ def test_dora_magnitude_is_row_norm_of_base_weight():
     assert set(layer.state_dict()) == {"weight", "lora_a.weight", "lora_b.weight", "magnitude"}
 
 
+def test_dora_magnitude_follows_a_loaded_base_weight_unless_given():
+    torch.manual_seed(0)
+    layer = DoRALinear(IN_DIM, OUT_DIM, RANK, ALPHA)
+    new_weight = torch.randn(OUT_DIM, IN_DIM)
+    layer.load_state_dict({"weight": new_weight}, strict=False)
+    torch.testing.assert_close(layer.magnitude.detach(), torch.linalg.norm(new_weight, dim=1))
+    given = torch.rand(OUT_DIM)
+    layer.load_state_dict({"weight": new_weight, "magnitude": given}, strict=False)
+    assert torch.equal(layer.magnitude.detach(), given)
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("checkpoint_dtype", [torch.bfloat16, torch.float32])
 def test_build_on_meta_then_assign_load(use_dora, checkpoint_dtype):

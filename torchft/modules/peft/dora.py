@@ -16,13 +16,25 @@ from torch import nn
 from torchft.modules.peft.lora import LoRALinear
 
 
+def _refresh_magnitude_after_load(module: "DoRALinear", incompatible_keys) -> None:
+    """load_state_dict post-hook (runs after lora_a/lora_b are loaded too): re-initialize a stale
+    magnitude from the loaded weights, unless something is still on ``meta`` (then
+    ``initialize_adapters`` does it once the adapters exist)."""
+    if module._magnitude_stale:
+        module._magnitude_stale = False
+        if not any(t.is_meta for t in (module.weight, module.lora_a.weight, module.lora_b.weight, module.magnitude)):
+            module.initialize_dora_magnitude()
+
+
 class DoRALinear(LoRALinear):
     """``LoRALinear`` plus a trainable ``magnitude`` [out_dim] (state-dict key ``magnitude``).
 
-    Same arguments as ``LoRALinear``. After the base weight is loaded into a model built on ``meta``,
-    call ``initialize_dora_magnitude()`` (or ``torchft.modules.peft.initialize_dora_magnitudes(model)``)
-    unless the magnitude comes from an adapter checkpoint. Built on a real device, the magnitude is
-    initialized from the random base weight right away.
+    Same arguments as ``LoRALinear``. The magnitude follows the base weight: built on a real device it
+    is set from the random weight, and ``load_state_dict`` of a base weight without a ``magnitude``
+    resets it from the loaded weight (plus the current LoRA delta). On ``meta`` the adapters do not
+    exist yet, so after loading the base weights call ``initialize_adapters(model)`` (or, with the
+    adapters already real, ``initialize_dora_magnitude()`` / ``initialize_dora_magnitudes(model)``).
+    A magnitude loaded from an adapter checkpoint is used as is.
     """
 
     def __init__(
@@ -39,6 +51,13 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(torch.empty(out_dim, dtype=self.lora_a.weight.dtype))
         if not self.magnitude.is_meta and not self.weight.is_meta:
             self.initialize_dora_magnitude()
+        self._magnitude_stale = False
+        self.register_load_state_dict_post_hook(_refresh_magnitude_after_load)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A new base weight without a magnitude next to it: the magnitude must follow the new weight.
+        self._magnitude_stale = prefix + "weight" in state_dict and prefix + "magnitude" not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def adapter_param_names(self) -> list[str]:
         return ["lora_a.weight", "lora_b.weight", "magnitude"]
