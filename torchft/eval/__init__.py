@@ -11,6 +11,7 @@ _EXPORTS = {
     "flatten_metrics": "torchft.eval._evaluate",
     "check_adapter_is_active": "torchft.eval._evaluate",
     "check_tasks": "torchft.eval._evaluate",
+    "task_manager_for": "torchft.eval._evaluate",
     "TaskDataUnavailableError": "torchft.eval._evaluate",
 }
 

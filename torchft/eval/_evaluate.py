@@ -18,6 +18,20 @@ class TaskDataUnavailableError(ConnectionError):
     """A task's dataset has to come from the network, which cannot be reached (or offline mode is on)."""
 
 
+def task_manager_for(
+    tasks: Sequence[str],
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    include_defaults: bool = True,
+):
+    """An lm-eval ``TaskManager`` that knows ``tasks`` (checked: unknown names raise ``ValueError``).
+
+    Cheap next to loading a model, so recipes call it first and pass it to :func:`evaluate`.
+    """
+    manager = _task_manager(include_path, include_defaults)
+    check_tasks(manager, list(tasks))
+    return manager
+
+
 def _task_manager(include_path: str | Path | Sequence[str | Path] | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
@@ -104,6 +118,7 @@ def evaluate(
     log_samples: bool = False,
     check_adapter: bool = True,
     seed: int = 1234,
+    task_manager=None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on lm-eval ``tasks`` and return lm-eval's results dict.
 
@@ -115,12 +130,13 @@ def evaluate(
         include_defaults: also index lm-eval's bundled tasks (turn off to start faster with local tasks).
         log_samples: keep per-example inputs and outputs under ``results["samples"]``.
         check_adapter: run :func:`check_adapter_is_active` first.
+        task_manager: one from :func:`task_manager_for` (then include_path/include_defaults are not used).
     """
     from lm_eval import simple_evaluate
 
     tasks = list(tasks)
-    task_manager = _task_manager(include_path, include_defaults)
-    check_tasks(task_manager, tasks)
+    if task_manager is None:
+        task_manager = task_manager_for(tasks, include_path, include_defaults)
     lm = TorchFTEvalWrapper(model, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, max_gen_toks=max_gen_toks)
     if check_adapter:
         probe = lm.tok_encode("The quick brown fox jumps over the lazy dog.")[: lm.max_length]

@@ -2,40 +2,21 @@
 optionally with a PEFT adapter folder on top, optionally merged into plain weights."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-
 
 def adapter_build_kwargs(adapter_dir: str | Path) -> dict[str, Any]:
     """Builder arguments (``lora_attn_modules``, ``lora_rank``...) that recreate the adapter described by
-    ``<adapter_dir>/adapter_config.json`` (the HF PEFT format)."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter_dir {adapter_dir}: no adapter_config.json in this folder")
-    config = json.loads(path.read_text())
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    unknown = sorted(set(targets) - set(_ATTN) - set(_MLP) - {"lm_head"})
-    if unknown:
-        raise ValueError(f"{path}: target_modules {unknown} are not Llama linears ({', '.join(_ATTN + _MLP)}, lm_head)")
-    mlp = [t for t in targets if t in _MLP]
-    if mlp and len(mlp) != len(_MLP):
-        raise ValueError(f"{path}: target_modules must name all of {', '.join(_MLP)} or none, got {mlp}")
-    return dict(
-        lora_attn_modules=[t for t in _ATTN if t in targets],
-        apply_lora_to_mlp=bool(mlp),
-        apply_lora_to_output="lm_head" in targets,
-        lora_rank=int(config["r"]),
-        lora_alpha=float(config["lora_alpha"]),
-        use_dora=bool(config.get("use_dora", False)),
-    )
+    ``<adapter_dir>/adapter_config.json`` (the HF PEFT format). Dropout is off: this is for inference."""
+    from torchft.checkpoint.peft import peft_config_to_lora_kwargs, read_peft_adapter_config
+
+    kwargs = peft_config_to_lora_kwargs(read_peft_adapter_config(adapter_dir))
+    kwargs["lora_dropout"] = 0.0
+    return kwargs
 
 
 def load_model(
