@@ -22,7 +22,8 @@ from torchft.config._load import COMPONENT_KEY, ConfigError, did_you_mean
 # Arguments a recipe supplies itself when it instantiates the node under that key, so a config does
 # not (and cannot) list them: ``instantiate(cfg.optimizer, model.parameters())``. The key is the node's
 # own name, or for a node inside a list the name of the list (``dataset: [{_component_: ...}, ...]``).
-# A recipe with other call-time arguments declares them in its registry entry (``Recipe.runtime_args``).
+# A key ending in ``_dataset`` (``validation_dataset``) is treated like ``dataset``. A recipe with other
+# call-time arguments declares them in its registry entry (``Recipe.runtime_args``).
 RUNTIME_ARGS: Mapping[str, frozenset[str]] = {
     "optimizer": frozenset({"params"}),
     "lr_scheduler": frozenset({"optimizer", "num_training_steps"}),
@@ -71,6 +72,8 @@ def _component_problems(node: DictConfig, path: str, owner: str, runtime: Mappin
     if sig is None:
         return []
     supplied = set(runtime.get(owner, ()))
+    if owner.endswith("_dataset"):
+        supplied |= set(runtime.get("dataset", ()))
     for name, param in sig.parameters.items():
         required = param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
         if required and name not in given and name not in supplied:
