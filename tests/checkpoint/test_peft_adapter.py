@@ -219,3 +219,18 @@ def test_adapter_with_keys_the_model_lacks(saved_adapter, tmp_path):
 def test_model_without_adapters_cannot_save(tmp_path):
     with pytest.raises(ValueError, match=r"the model has no LoRA/DoRA layers"):
         save_peft_adapter(_tiny_torchft(), tmp_path)
+
+
+def test_save_with_a_gathered_adapter_state_dict(tmp_path):
+    from safetensors.torch import load_file
+
+    from torchft.modules.peft import get_adapter_state_dict
+
+    model = _tiny_torchft(lora_attn_modules=["v_proj"], lora_rank=2, lora_alpha=4.0)
+    gathered = {k: torch.full_like(v, 0.5) for k, v in get_adapter_state_dict(model).items()}
+    save_peft_adapter(model, tmp_path, adapter_state_dict=gathered)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].eq(0.5).all()
+    assert len(saved) == len(gathered)
+    with pytest.raises(ValueError, match=r"adapter state dict is missing keys: layers.1.self_attn.v_proj.lora_b.weight"):
+        save_peft_adapter(model, tmp_path, adapter_state_dict={k: v for k, v in gathered.items() if "1.self_attn.v_proj.lora_b" not in k})

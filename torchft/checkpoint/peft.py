@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -113,18 +113,30 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    *,
+    adapter_state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the model's adapter as ``adapter_model.safetensors`` + ``adapter_config.json`` (HF PEFT).
 
     Each file is written atomically (temporary file, then rename), so the folder may already hold
-    other outputs (e.g. the merged model). Returns the folder.
+    other outputs (e.g. the merged model). ``adapter_state_dict`` (torchft names) replaces the
+    model's own adapter tensors, e.g. full tensors gathered from a sharded model on rank 0; it must
+    hold exactly the model's adapter keys. Returns the folder.
     """
     from safetensors.torch import save_file
 
-    from torchft.modules.peft import get_adapter_state_dict
+    from torchft.modules.peft import get_adapter_state_dict, validate_lora_state_dict
 
     settings = _adapter_settings(model)
-    tensors = {to_peft_key(k): v.detach().to("cpu").contiguous().clone() for k, v in get_adapter_state_dict(model).items()}
+    if adapter_state_dict is None:
+        adapter_state_dict = get_adapter_state_dict(model)
+    else:
+        validate_lora_state_dict(model, adapter_state_dict, kind="adapter")
+    tensors = {to_peft_key(k): v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict.items()}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

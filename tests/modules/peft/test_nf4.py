@@ -188,3 +188,22 @@ def test_qlora_forward_backward_on_cuda():
     model(tokens).float().logsumexp(-1).mean().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(get_adapter_params(model))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_autograd_saves_only_the_nf4_weight(use_dora):
+    """No dequantized copy of the base weight is kept for backward (dropout active, training mode)."""
+    from torchft.modules.peft import DoRALinear
+
+    torch.manual_seed(0)
+    layer = (DoRALinear if use_dora else LoRALinear)(256, 128, 8, 16.0, dropout=0.1, quantize_base=True).train()
+    with torch.no_grad():
+        layer.lora_b.weight.normal_()
+    saved = []
+    x = torch.randn(4, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    weight_sized = [t for t in saved if tuple(t.shape) == (128, 256)]
+    assert weight_sized and all(is_nf4(t) for t in weight_sized)
+    out.sum().backward()
+    assert x.grad is not None and layer.lora_a.weight.grad is not None

@@ -103,5 +103,6 @@ class DoRALinear(LoRALinear):
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_no_bias = base_out if self.bias is None else base_out - self.bias
         else:
-            base_no_bias = torch.nn.functional.linear(x_adapter, weight)
+            base_no_bias = self.base_forward(x_adapter)  # NF4 stays NF4 in the autograd graph
+            base_no_bias = base_no_bias if self.bias is None else base_no_bias - self.bias
         return base_out + (mag_norm_scale - 1) * base_no_bias + mag_norm_scale * lora_out * self.scaling
