@@ -31,9 +31,12 @@ def _local_files(data_files) -> list[str]:
     return paths
 
 
-def check_text_file(path: str, jsonl: bool = False) -> None:
-    """Raise ValueError at the first non-UTF-8 byte (with its offset) or, for JSONL, the first bad line."""
-    offset = 0
+def check_text_file(path: str, jsonl: bool = False) -> int:
+    """Raise ValueError at the first non-UTF-8 byte (with its offset) or, for JSONL, the first bad line.
+
+    Returns the number of non-blank lines.
+    """
+    offset = nonblank = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             try:
@@ -42,12 +45,15 @@ def check_text_file(path: str, jsonl: bool = False) -> None:
                 raise ValueError(
                     f"{path}: not valid UTF-8 at byte offset {offset + e.start} (line {lineno})"
                 ) from None
+            if text.strip():
+                nonblank += 1
             if jsonl and text.strip():
                 try:
                     json.loads(text)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
             offset += len(line)
+    return nonblank
 
 
 def _is_jsonl(path: str) -> bool:
@@ -98,8 +104,9 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs)
             raise ValueError(f"source={source!r} reads local files: set data_files to a path")
         files = _local_files(data_files)
         if builder in _TEXT_BUILDERS:
-            for path in files:
-                check_text_file(path, jsonl=builder == "json" and _is_jsonl(path))
+            lines = sum(check_text_file(path, jsonl=builder == "json" and _is_jsonl(path)) for path in files)
+            if lines == 0:
+                raise ValueError(f"dataset {data_files} is empty (no rows in {', '.join(files)})")
         if not isinstance(data_files, dict):
             # Local files become the requested split (``train[:10%]`` slices the ``train`` split).
             data_files = {split.split("[")[0]: files}
