@@ -12,6 +12,7 @@ _EXPORTS = {
     "check_adapter_is_active": "torchft.eval._evaluate",
     "check_tasks": "torchft.eval._evaluate",
     "task_manager_for": "torchft.eval._evaluate",
+    "perplexity": "torchft.eval._perplexity",
     "TaskDataUnavailableError": "torchft.eval._evaluate",
 }
 

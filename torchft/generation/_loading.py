@@ -30,14 +30,21 @@ def load_model(
     """Build the model ``<checkpoint_dir>/config.json`` describes and load its weights (eval mode).
 
     Args:
-        checkpoint_dir: an HF folder (``config.json`` + safetensors), e.g. a ``step_<N>/`` output.
+        checkpoint_dir: an HF folder (``config.json`` + safetensors), e.g. a ``step_<N>/`` output, or a
+            folder written by the quantize recipe (loaded with :func:`load_quantized`).
         adapter_dir: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``);
             the model is then built with matching LoRA/DoRA layers and the adapter loaded into them.
         merge_adapter: fold the adapter into the base weights and return a plain model.
         dtype: weights dtype (adapters included).
     """
     from torchft.checkpoint import load_hf_checkpoint
+    from torchft.generation._quantize import is_quantized_dir, load_quantized
     from torchft.models import from_hf_config
+
+    if is_quantized_dir(checkpoint_dir):  # written by the quantize recipe
+        if adapter_dir is not None:
+            raise ValueError(f"{checkpoint_dir} is quantized; merge the adapter before quantizing (adapter_dir=null)")
+        return load_quantized(checkpoint_dir, device=device)
 
     lora_kwargs = adapter_build_kwargs(adapter_dir) if adapter_dir is not None else {}
     with torch.device("meta"):
