@@ -197,3 +197,14 @@ def test_check_state_dict_against_args_and_nothing_half_loaded(hf_model):
         load_state_dict_strict(model, missing)
     load_state_dict_strict(model, good)
     assert torch.equal(model.state_dict()["norm.weight"], good["norm.weight"])
+
+
+def test_missing_consolidated_file_and_corrupt_bin(hf_model, tmp_path):
+    save_meta_folder(hf_model, tmp_path / "meta")
+    (tmp_path / "meta" / "consolidated.00.pth").unlink()
+    with pytest.raises(FileNotFoundError, match="consolidated.00.pth: no consolidated.\\*.pth file found"):
+        load_meta_checkpoint(tmp_path / "meta")
+    hf_model.config.save_pretrained(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a zip archive at all")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'bin' / 'pytorch_model.bin'}: unreadable PyTorch file")):
+        load_hf_checkpoint(tmp_path / "bin")

@@ -157,7 +157,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         if "mmap" not in str(err):
             raise CheckpointError(f"{path}: unreadable PyTorch file ({err})") from err
         # Files written before torch's zip format cannot be memory-mapped; read them whole.
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err2:
+            raise CheckpointError(f"{path}: unreadable PyTorch file ({err2})") from err2
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable PyTorch file ({err})") from err
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
