@@ -94,6 +94,16 @@ def test_build_on_meta_then_load_base_and_init_adapters(use_dora, device):
     torch.testing.assert_close(lora.eval()(TOKENS), plain(TOKENS))
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_full_state_dict_with_adapters_passes_the_base_load(device):
+    _, lora = _plain_and_lora(use_dora=True)
+    _randomize(lora)
+    with torch.device("meta"):
+        other = llama(**TINY, **LORA, use_dora=True)
+    load_base_state_dict(other, lora.state_dict(), assign=True, device=device)
+    assert torch.equal(other.eval()(TOKENS), lora(TOKENS))
+
+
 def test_adapter_round_trip_into_meta_model():
     _, lora = _plain_and_lora(use_dora=True)
     _randomize(lora)

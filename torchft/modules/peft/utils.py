@@ -120,9 +120,10 @@ def _list_keys(keys) -> str:
 def validate_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, kind: str) -> None:
     """Check a state dict against a LoRA model before loading it.
 
-    ``kind="base"``: the state dict may lack only adapter keys. ``kind="adapter"``: it must hold
-    exactly the adapter keys (the base keys are expected to be missing). Unknown keys, other missing
-    keys and shape mismatches raise ``ValueError`` naming the keys.
+    ``kind="base"``: the state dict may lack only adapter keys (a full state dict, adapters
+    included, passes too). ``kind="adapter"``: it must hold exactly the adapter keys (the base keys
+    are expected to be missing). Unknown keys, other missing keys and shape mismatches raise
+    ``ValueError`` naming the keys.
     """
     if kind not in ("base", "adapter"):
         raise ValueError(f"kind ({kind!r}) must be 'base' or 'adapter'")
@@ -130,7 +131,7 @@ def validate_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
     adapter_keys = set(get_adapter_params(model))
     base_keys = set(expected) - adapter_keys
     allowed_missing = adapter_keys if kind == "base" else base_keys
-    allowed = base_keys if kind == "base" else adapter_keys
+    allowed = set(expected) if kind == "base" else adapter_keys
 
     unexpected = [key for key in state_dict if key not in allowed]
     if unexpected:
@@ -144,6 +145,16 @@ def validate_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             raise ValueError(
                 f"{kind} state dict: {key} has shape {list(tensor.shape)}, the model expects {list(expected[key])}"
             )
+
+
+def _lora_owner(key: str, lora_names: set[str]) -> str | None:
+    """The LoRA layer a key belongs to (``layers.0.self_attn.q_proj`` for its ``lora_a.weight``), if any."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in lora_names:
+            return prefix
+    return None
 
 
 def load_base_state_dict(
@@ -163,8 +174,14 @@ def load_base_state_dict(
     if device is None:
         model.load_state_dict(state_dict, strict=False, assign=assign)
         return
+    # One load per tensor, except that a LoRA layer's tensors load together (a DoRA magnitude must
+    # arrive with its weight, or the weight's load would reset it).
+    lora_names = set(get_lora_modules(model))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        model.load_state_dict({key: tensor.to(device)}, strict=False, assign=assign)
+        groups.setdefault(_lora_owner(key, lora_names) or key, {})[key] = tensor
+    for group in groups.values():
+        model.load_state_dict({key: tensor.to(device) for key, tensor in group.items()}, strict=False, assign=assign)
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
