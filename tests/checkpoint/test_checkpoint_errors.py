@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.checkpoint._tiny import save_hf_folder, save_meta_folder, tiny_hf_model
+from tests.checkpoint._tiny import save_meta_folder, tiny_hf_model
 from torchft.checkpoint import (
     CheckpointError, HFCheckpointer, MetaCheckpointer, check_state_dict, load_hf_checkpoint,
     load_meta_checkpoint, load_native_checkpoint, load_state_dict_strict, save_hf_checkpoint,
