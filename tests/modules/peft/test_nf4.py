@@ -51,7 +51,8 @@ def test_quantization_is_torchao_bit_for_bit(dtype):
     saved = layer.state_dict()["weight"]
     assert type(saved) is torch.Tensor and torch.equal(saved, reference.get_original_weight())
     initialize_adapters(layer)
-    layer.lora_a.to(dtype), layer.lora_b.to(dtype)
+    layer.lora_a.to(dtype)
+    layer.lora_b.to(dtype)
     x = _gaussian((3, 256), 2, dtype, std=1.0)
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
