@@ -11,15 +11,14 @@ def build_adamw(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    device: torch.device | str = "cpu",
 ) -> torch.optim.AdamW:
-    """AdamW over ``params``; the fused CUDA kernel when ``device`` is a GPU (one launch per step)."""
+    """AdamW over the trainable ``params``; the fused kernel (one launch per step) when they are on a GPU."""
     if lr <= 0:
         raise ValueError(f"optimizer.lr ({lr}) must be > 0")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to optimize")
-    fused = torch.device(device).type == "cuda"
+    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
 
 
@@ -38,9 +37,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[nn.Parameter], **adamw_kwargs):
         params = [p for p in params if p.requires_grad]
-        device = adamw_kwargs.pop("device", params[0].device if params else "cpu")
         super().__init__(params, {"lr": adamw_kwargs["lr"]})
-        self._optimizers = [build_adamw([p], device=device, **adamw_kwargs) for p in params]
+        self._optimizers = [build_adamw([p], **adamw_kwargs) for p in params]
         self._handles = []
         for param, opt in zip(params, self._optimizers):
             self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(opt)))
