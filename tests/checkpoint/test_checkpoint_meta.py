@@ -37,6 +37,9 @@ def test_meta_to_torchft_to_meta(variant, tmp_path):
     assert all(torch.equal(saved[k], written[k]) for k in saved)
     assert json.loads((step / "params.json").read_text()) == json.loads((tmp_path / "in" / "params.json").read_text())
     assert (step / "tokenizer.model").read_bytes() == (tmp_path / "in" / "tokenizer.model").read_bytes()
+    reloaded = ckpt.load_model_state_dict(step)
+    assert reloaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(reloaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_params_derived_from_args_round_trip(tmp_path):
