@@ -63,35 +63,10 @@ def _configs(*names: str) -> tuple[Config, ...]:
 
 RECIPES: list[Recipe] = [
     Recipe(
-        name="full_finetune_single_device",
-        file_path="full_finetune_single_device.py",
-        supports_distributed=False,
-        configs=_configs(
-            "quickstart/full_single_device",
-            "llama2/7B_full_single_device",
-            "llama3/8B_full_single_device",
-            "llama3_1/8B_full_single_device",
-            "llama3_2/1B_full_single_device",
-            "llama3_2/3B_full_single_device",
-        ),
-    ),
-    Recipe(
         name="lora_finetune_single_device",
         file_path="lora_finetune_single_device.py",
         supports_distributed=False,
-        configs=_configs(
-            "quickstart/lora_single_device",
-            "llama2/7B_lora_single_device",
-            "llama2/7B_qlora_single_device",
-            "llama3/8B_lora_single_device",
-            "llama3/8B_qlora_single_device",
-            "llama3_1/8B_lora_single_device",
-            "llama3_1/8B_qlora_single_device",
-            "llama3_2/1B_lora_single_device",
-            "llama3_2/1B_qlora_single_device",
-            "llama3_2/3B_lora_single_device",
-            "llama3_2/3B_qlora_single_device",
-        ),
+        configs=_configs("quickstart/lora_single_device"),
     ),
     Recipe(
         name="eleuther_eval",

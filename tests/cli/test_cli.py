@@ -55,8 +55,8 @@ fail: null
 
 
 def tune(*args, env=None, cwd=None, timeout=120):
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("TUNE_DEBUG", None) if "TUNE_DEBUG" not in (env or {}) else None
+    full_env = {key: value for key, value in os.environ.items() if key != "TUNE_DEBUG"}
+    full_env.update(env or {})
     return subprocess.run([*TUNE, *map(str, args)], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -230,11 +230,14 @@ def test_validate_refuses_unknown_override_and_reports_yaml_line(tmp_path, tiny)
 
 def test_validate_checks_keys_against_the_recipe(tmp_path, shipped):
     recipe, config = shipped
+    result = tune("validate", config.name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"OK: {config.name} (keys checked against recipe {recipe.name})\n"
     mine = tmp_path / "mine.yaml"
     mine.write_text(config.path.read_text() + "max_stepz: 3\n")
     result = tune("validate", mine, "--recipe", recipe.name)
     assert result.returncode == 1
-    assert "  max_stepz: unknown key for this recipe" in result.stderr.splitlines()
+    assert any(line.startswith("  max_stepz: unknown key for this recipe") for line in result.stderr.splitlines())
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -352,6 +355,8 @@ def test_download_against_a_local_hub(tmp_path):
         assert result.returncode == 0, result.stderr
         assert (tmp_path / "g" / ".torchft_repo_id").read_text() == "acme/gated-llama\n"
 
+        line = one_error_line(download("acme/tiny-llama", "--output-dir", tmp_path / "o", HF_HUB_OFFLINE="1"))
+        assert line == "tune: error: cannot download acme/tiny-llama: HF_HUB_OFFLINE is set; unset it to reach the Hub"
         line = one_error_line(download("acme/no-such-model", "--output-dir", tmp_path / "n"))  # 404
         assert line.startswith("tune: error: acme/no-such-model: no such repo on the Hub")
         assert {"GET /api/models/acme/tiny-llama/revision/main", "HEAD /acme/tiny-llama/resolve/"

@@ -67,6 +67,8 @@ def _hub_error_message(repo_id: str, err: Exception, token_given: bool) -> str |
         )
     if status == 404:
         return f"{repo_id}: no such repo on the Hub ({page}); check the spelling, e.g. meta-llama/Llama-3.2-1B-Instruct"
+    if isinstance(err, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
+        return f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub"
     if isinstance(err, LocalEntryNotFoundError):
         # snapshot_download turns connection errors into this, with the network error as the cause.
         return f"cannot reach the Hub at {constants.ENDPOINT} to download {repo_id}: check the network connection"
@@ -111,6 +113,8 @@ def download(
 
 def main(args: argparse.Namespace) -> int:
     output_dir = download(args.repo_id, args.output_dir, token=args.hf_token, ignore_patterns=args.ignore_patterns)
-    n_files = sum(1 for p in output_dir.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.parts))
+    n_files = sum(
+        1 for p in output_dir.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(output_dir).parts)
+    )
     print(f"downloaded {args.repo_id} to {output_dir} ({n_files} files)")
     return 0

@@ -64,8 +64,10 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         return path
     text = str(name_or_path)
     looks_like_path = text.endswith((".yaml", ".yml")) or text.startswith((".", "/", "~"))
-    if not looks_like_path:
-        shipped = shipped_configs_dir() / f"{text}.yaml"
+    if not text.startswith((".", "/", "~")):
+        # a shipped name, also when written with its suffix: llama3_2/1B_lora_single_device(.yaml)
+        stem = text[: -len(".yaml")] if text.endswith(".yaml") else text
+        shipped = shipped_configs_dir() / f"{stem}.yaml"
         if shipped.is_file():
             return shipped
     if looks_like_path:

@@ -82,8 +82,13 @@ def _component_problems(node: DictConfig, path: str, owner: str, runtime: Mappin
 
 
 def unknown_key_problems(cfg: DictConfig, accepted_keys: Iterable[str]) -> list[str]:
-    """One problem per top-level key of ``cfg`` the recipe does not read, with a did-you-mean."""
+    """One problem per top-level key of ``cfg`` the recipe does not read, with a did-you-mean.
+
+    An empty ``accepted_keys`` means "not known" (a recipe with no shipped config): nothing is reported.
+    """
     accepted = sorted(set(accepted_keys))
+    if not accepted:
+        return []
     return [
         f"{key}: unknown key for this recipe{did_you_mean(str(key), accepted)}" for key in cfg.keys() if key not in accepted
     ]
