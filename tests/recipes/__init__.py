@@ -1,0 +1,1 @@
+"""End-to-end recipe runs on tiny models."""
