@@ -32,7 +32,7 @@ from torchft.data.token_store import TokenStore
 logger = logging.getLogger("torchft.data")
 
 IGNORE_INDEX = -100
-_BATCH_ROWS = 1024
+_BATCH_ROWS = 512
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -55,7 +55,12 @@ def _resolve_max_seq_len(tokenizer, max_seq_len):
     return max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
 
 
+def _source_name(source) -> str:
+    return source if isinstance(source, str) else "dataset"
+
+
 def _check_columns(rows, source, required: dict[str, str]):
+    source = _source_name(source)
     present = rows.column_names
     for ours, theirs in required.items():
         if theirs not in present:
@@ -108,7 +113,7 @@ def _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, toke
             finish_batch(pending[0], pending[1].result())
     store.finish()
 
-    name = f"{source}"
+    name = _source_name(source)
     if stats["truncated"]:
         logger.warning("%s: truncated %d of %d samples to max_seq_len=%d", name, stats["truncated"], len(rows), max_seq_len)
     if stats["dropped_too_long"]:
@@ -143,7 +148,7 @@ def _text(value, source, row, column) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{source} row {row}: column {column!r} must hold text, got {type(value).__name__}")
+        raise ValueError(f"{_source_name(source)} row {row}: column {column!r} must hold text, got {type(value).__name__}")
     return value
 
 
@@ -248,6 +253,7 @@ def chat_dataset(
     that have no system turn.
     """
     rows = load_rows(source, data_files, split, **load_kwargs)
+    source = _source_name(source)
     if conversation_style == "auto":
         found = [s for s, spec in _STYLES.items() if (conversation_column or spec[0]) in rows.column_names]
         if not found:
@@ -312,6 +318,7 @@ def text_completion_dataset(
 
     def tokenize_batch(batch, start):
         texts = [t if isinstance(t, str) else _text(t, source, start + j, column) for j, t in enumerate(batch[column])]
-        return tokenizer.encode_batch(texts, add_bos=True, add_eos=add_eos), None
+        encode = getattr(tokenizer, "encode_batch_numpy", tokenizer.encode_batch)
+        return encode(texts, add_bos=True, add_eos=add_eos), None
 
     return _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir)

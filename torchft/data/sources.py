@@ -5,6 +5,7 @@ reported as ``file:line`` / ``file: byte offset`` instead of a deep parser trace
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -12,6 +13,7 @@ import os
 # source name -> the HF ``datasets`` builder that reads it
 LOCAL_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet", "text": "text", "txt": "text"}
 _TEXT_BUILDERS = {"json", "csv", "text"}
+_CHUNK = 16 << 20
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
@@ -31,29 +33,37 @@ def _local_files(data_files) -> list[str]:
     return paths
 
 
-def check_text_file(path: str, jsonl: bool = False) -> int:
-    """Raise ValueError at the first non-UTF-8 byte (with its offset) or, for JSONL, the first bad line.
-
-    Returns the number of non-blank lines.
-    """
-    offset = nonblank = 0
+def check_text_file(path: str) -> bool:
+    """Raise ValueError at the first non-UTF-8 byte (with its offset and line); True when not blank."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, nonblank = 0, 0, False
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
+        while chunk := f.read(_CHUNK):
             try:
-                text = line.decode("utf-8")
+                decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: not valid UTF-8 at byte offset {offset + e.start} (line {lineno})"
-                ) from None
-            if text.strip():
-                nonblank += 1
-            if jsonl and text.strip():
+                bad = offset + e.start
+                line = lines + chunk.count(b"\n", 0, e.start) + 1
+                raise ValueError(f"{path}: not valid UTF-8 at byte offset {bad} (line {line})") from None
+            nonblank = nonblank or bool(chunk.strip())
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid UTF-8: the file ends inside a character") from None
+    return nonblank
+
+
+def find_bad_jsonl_line(path: str) -> None:
+    """Raise ValueError naming ``file:line`` of the first line that is not a JSON value."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
                 try:
-                    json.loads(text)
+                    json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            offset += len(line)
-    return nonblank
 
 
 def _is_jsonl(path: str) -> bool:
@@ -86,13 +96,18 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs)
 
     Args:
         source: ``json`` (also JSONL), ``csv``, ``parquet``, ``text``/``txt`` (one row per line, column
-            ``text``) with ``data_files``; a path to such a file; or a dataset name on the HF hub.
+            ``text``) with ``data_files``; a path to such a file; a dataset name on the HF hub; or a
+            ``datasets.Dataset`` already in hand (returned as is).
         data_files: file path(s) or glob(s) for local sources (also passed through for hub datasets).
         split: split to load (``train``, ``validation``, ``train[:90%]`` ...). Local files are assigned to it.
         load_kwargs: forwarded to ``datasets.load_dataset`` (``name``, ``revision``, ``field`` ...).
     """
     import datasets
 
+    if isinstance(source, datasets.Dataset):  # rows already loaded (or built in memory) by the caller
+        if len(source) == 0:
+            raise ValueError("dataset is empty (the datasets.Dataset passed as source has 0 rows)")
+        return source
     builder = LOCAL_BUILDERS.get(source)
     if builder is None and data_files is None and os.path.exists(source):
         ext = os.path.splitext(source)[1].lower()
@@ -104,13 +119,19 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs)
             raise ValueError(f"source={source!r} reads local files: set data_files to a path")
         files = _local_files(data_files)
         if builder in _TEXT_BUILDERS:
-            lines = sum(check_text_file(path, jsonl=builder == "json" and _is_jsonl(path)) for path in files)
-            if lines == 0:
+            if not any([check_text_file(path) for path in files]):
                 raise ValueError(f"dataset {data_files} is empty (no rows in {', '.join(files)})")
+        jsonl_files = [p for p in files if builder == "json" and _is_jsonl(p)]
         if not isinstance(data_files, dict):
             # Local files become the requested split (``train[:10%]`` slices the ``train`` split).
             data_files = {split.split("[")[0]: files}
-        rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_kwargs)
+        try:
+            rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_kwargs)
+        except Exception:
+            # Parsing JSONL line by line up front would double the load time; on failure, find the line.
+            for path in jsonl_files:
+                find_bad_jsonl_line(path)
+            raise
     else:
         rows = datasets.load_dataset(source, data_files=data_files, split=split, **load_kwargs)
     if len(rows) == 0:

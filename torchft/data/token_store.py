@@ -27,16 +27,20 @@ class TokenStore:
         self._arrays: dict[str, np.ndarray] = {}
 
     def append(self, tokens: list[list[int]], labels: list[list[int]] | None = None) -> None:
-        """Add a batch of samples; ``labels=None`` means labels equal tokens (text completion)."""
+        """Add a batch of samples (lists of ints or int arrays); ``labels=None``: labels equal tokens."""
         lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-        total = int(lengths.sum())
-        flat = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int32, count=total)
-        flat_labels = flat if labels is None else np.fromiter(
-            itertools.chain.from_iterable(labels), dtype=np.int32, count=total
-        )
+        flat = self._flatten(tokens, int(lengths.sum()))
+        flat_labels = flat if labels is None else self._flatten(labels, len(flat))
         flat.tofile(self._files["tokens"])
         flat_labels.tofile(self._files["labels"])
         self._lengths.append(lengths)
+
+    @staticmethod
+    def _flatten(rows, total: int) -> np.ndarray:
+        # Samples arrive as numpy arrays (fast tokenizer path) or as lists of ints.
+        if rows and isinstance(rows[0], np.ndarray):
+            return np.concatenate(rows).astype(np.int32, copy=False)
+        return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=total)
 
     def finish(self) -> "TokenStore":
         """Close the files and map them for reading."""

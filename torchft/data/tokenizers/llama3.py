@@ -10,7 +10,9 @@ import base64
 import binascii
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import tiktoken
 
 from torchft.data.tokenizers._base import BaseTokenizer
@@ -135,6 +137,8 @@ class Llama3Tokenizer(BaseTokenizer):
         # Generation stops at the end of a turn, or at the end of the text.
         self.stop_tokens = [self.eot_id, self.eos_id]
         self._double_newline = self._ordinary("\n\n")
+        self._bos_array = np.array([self.bos_id], dtype=np.uint32)
+        self._eos_array = np.array([self.eos_id], dtype=np.uint32)
 
     def _ordinary(self, text: str) -> list[int]:
         # Special-token strings inside text are encoded as plain text, never as control tokens.
@@ -155,6 +159,25 @@ class Llama3Tokenizer(BaseTokenizer):
             return [self.encode(t, add_bos, add_eos) for t in texts]
         batch = self.tt_model.encode_ordinary_batch(texts, num_threads=num_threads)
         return [self._wrap(ids, add_bos, add_eos) for ids in batch]
+
+    def encode_batch_numpy(self, texts: list[str], add_bos: bool = True, add_eos: bool = True, num_threads: int = 8):
+        """``encode_batch`` returning int32 numpy arrays: no Python int per token (used to build datasets)."""
+
+        def encode(text):
+            if len(text) <= _MAX_RUN_CHARS:
+                ids = self.tt_model.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+            else:
+                ids = np.asarray(self._ordinary(text), dtype=np.uint32)
+            parts = [self._bos_array] if add_bos else []
+            parts.append(ids)
+            if add_eos:
+                parts.append(self._eos_array)
+            return np.concatenate(parts).astype(np.int32, copy=False)
+
+        if len(texts) < 2 or num_threads <= 1:
+            return [encode(t) for t in texts]
+        with ThreadPoolExecutor(num_threads) as pool:  # tiktoken releases the GIL while encoding
+            return list(pool.map(encode, texts))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
