@@ -66,7 +66,7 @@ def _hub_error_message(repo_id: str, err: Exception, token_given: bool) -> str |
             "with --hf-token TOKEN or set HF_TOKEN"
         )
     if status == 404:
-        return f"{repo_id}: no such repo on the Hub ({page}); check the spelling, e.g. meta-llama/Llama-3.2-1B-Instruct"
+        return f"{repo_id}: no such repo on the Hub ({page}); check the owner/name spelling on the model's page"
     if isinstance(err, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
         return f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub"
     if isinstance(err, LocalEntryNotFoundError):
