@@ -105,6 +105,33 @@ def test_layer_nf4_cannot_take_stays_plain_with_a_warning():
     assert not is_nf4(layer.weight)
 
 
+def test_to_empty_then_load_without_assign():
+    """The FSDP-style path: meta -> to_empty(device) -> load_state_dict (copy semantics)."""
+    with torch.device("meta"):
+        layer = LoRALinear(256, 128, 8, 16.0, quantize_base=True)
+    layer.to_empty(device="cpu")
+    weight = _gaussian((128, 256), 4, torch.float32)
+    result = layer.load_state_dict({"weight": weight}, strict=False)
+    assert result.missing_keys == ["lora_a.weight", "lora_b.weight"]
+    assert is_nf4(layer.weight) and all(not t.is_meta for t in _nf4_parts(layer.weight).values())
+    assert torch.equal(layer.dequantized_weight(), torchao_nf4.to_nf4(weight, 64, 256).get_original_weight())
+
+
+def test_dtype_and_device_moves_keep_nf4():
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 128, 8, 16.0, quantize_base=True)
+    data = layer.weight.quantized_data.clone()
+    layer.to("cpu")
+    assert is_nf4(layer.weight) and torch.equal(layer.weight.quantized_data, data)
+    before = layer.dequantized_weight()
+    layer.to(torch.bfloat16)
+    assert is_nf4(layer.weight) and layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
+    assert layer.lora_a.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.dequantized_weight().float(), before, rtol=0.02, atol=1e-3)
+    layer.float()
+    assert is_nf4(layer.weight) and layer.weight.dtype == torch.float32
+
+
 def _tiny_qlora(**kwargs):
     from torchft.models import llama
 
@@ -180,13 +207,24 @@ def test_qlora_llama3_1_8b_weight_bytes_on_meta():
 
 @pytest.mark.gpu
 def test_qlora_forward_backward_on_cuda():
+    from torchft.models import llama
+
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = _tiny_qlora(quantize_base=True, use_dora=True).to(torch.bfloat16)
-    assert all(is_nf4(m.weight) for n, m in model.named_modules() if n.endswith("q_proj"))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = _tiny_qlora(quantize_base=True, use_dora=True)
+            dequantized = llama(**NF4_TINY)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(is_nf4(m.weight) and m.weight.is_cuda for n, m in model.named_modules() if n.endswith("q_proj"))
+    dequantized.load_state_dict(get_merged_state_dict(model))
     set_trainable_params(model, get_adapter_params(model))
     tokens = torch.randint(0, 64, (2, 8), device="cuda")
-    model(tokens).float().logsumexp(-1).mean().backward()
+    logits = model(tokens)
+    torch.testing.assert_close(logits, dequantized(tokens))
+    logits.float().logsumexp(-1).mean().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(get_adapter_params(model))
 

@@ -8,7 +8,8 @@ NF4 storage rules (QLoRA):
   QLoRA model saves loads into any model, quantized or not;
 * a weight whose element count is not a multiple of 16384 (blocks of 64, scales in blocks of 256)
   cannot be NF4: it stays in its floating-point dtype and a warning names the layer and the rule.
-  Every linear of the Llama presets satisfies the rule; only tiny test models hit it.
+  Every linear of the Llama presets satisfies the rule; only tiny test models hit it;
+* ``module.to(dtype)`` keeps NF4 (re-quantized in the new dtype); ``module.to(device)`` moves it.
 """
 from __future__ import annotations
 
@@ -73,19 +74,45 @@ class FrozenLinear(nn.Module):
         incoming = state_dict.get(key)
         if incoming is not None and self._nf4_problem is not None:
             warnings.warn(f"{prefix[:-1] or self._describe()}: {self._nf4_problem}; this base weight stays in {incoming.dtype}")
-        if (
+        quantize = (
             incoming is not None
             and self.quantize_base
             and not _nf4.is_nf4(incoming)
             and tuple(incoming.shape) == tuple(self.weight.shape)  # a wrong shape is reported by nn.Module
-        ):
+        )
+        if quantize:
             # Quantize on load. With assign=True (model built on meta) the checkpoint's dtype and device
             # are kept, as nn.Module does for plain tensors; otherwise we match the existing weight.
+            # The NF4 weight always replaces the old one: copying into an existing NF4 tensor would skip
+            # its lookup table and mean (torchao leaves those on meta after ``to_empty``).
             assign = local_metadata.get("assign_to_params_buffers", False)
             if not assign and not self.weight.is_meta:
                 incoming = incoming.to(device=self.weight.device, dtype=self.weight.dtype)
-            state_dict[key] = _nf4.to_nf4(incoming)  # load_state_dict works on its own copy of the dict
+            nf4_weight = _nf4.to_nf4(incoming)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if quantize:
+            self.weight = nn.Parameter(nf4_weight, requires_grad=False)
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` / ``.half()`` would turn an NF4 weight into a plain one (torchao
+        # dequantizes on a dtype change): apply ``fn`` to the rest as usual, then keep NF4 storage,
+        # re-quantized in the new dtype. Device moves keep the NF4 data as it is.
+        if not _nf4.is_nf4(self.weight):
+            return super()._apply(fn, recurse)
+        nf4_weight = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = nf4_weight
+        with torch.no_grad():
+            applied = fn(nf4_weight)
+        if not _nf4.is_nf4(applied):
+            applied = _nf4.to_nf4(applied)
+        self._parameters["weight"] = nn.Parameter(applied, requires_grad=False)
+        return self
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone: [..., in_dim] -> [..., out_dim]."""
