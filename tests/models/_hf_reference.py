@@ -1,4 +1,6 @@
 """Tiny random transformers Llama models used as the reference in model tests."""
+import copy
+
 import torch
 
 VARIANTS = {
@@ -25,7 +27,8 @@ def tiny_hf_llama(variant: str, seed: int = 0, vocab_size: int = 128):
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=256, **VARIANTS[variant])
+                         num_attention_heads=4, max_position_embeddings=256,
+                         **copy.deepcopy(VARIANTS[variant]))  # LlamaConfig edits rope dicts in place
     model = LlamaForCausalLM(config).eval()
     # Random norms too, so a norm-weight mix-up cannot hide behind all-ones.
     with torch.no_grad():
