@@ -13,6 +13,7 @@ from torchft.modules.peft import (
     load_base_state_dict,
     set_trainable_params,
     validate_lora_state_dict,
+    validate_missing_and_unexpected_for_lora,
     weight_bytes,
 )
 
@@ -133,6 +134,22 @@ def test_checked_loads_name_the_bad_keys():
         load_adapter_state_dict(lora, {k: v for k, v in adapters.items() if k != "lm_head.lora_a.weight"})
     with pytest.raises(ValueError, match=r"kind \('full'\) must be 'base' or 'adapter'"):
         validate_lora_state_dict(lora, base, kind="full")
+
+
+def test_post_load_check_of_missing_and_unexpected_keys():
+    plain, lora = _plain_and_lora()
+    base = plain.state_dict()
+    result = lora.load_state_dict(base, strict=False)
+    validate_missing_and_unexpected_for_lora(lora, result.missing_keys, result.unexpected_keys, kind="base")
+    result = lora.load_state_dict(get_adapter_state_dict(lora), strict=False)
+    validate_missing_and_unexpected_for_lora(lora, result.missing_keys, result.unexpected_keys, kind="adapter")
+    result = lora.load_state_dict({k: v for k, v in base.items() if k != "norm.weight"}, strict=False)
+    with pytest.raises(ValueError, match=r"base load: missing keys: norm.weight$"):
+        validate_missing_and_unexpected_for_lora(lora, result.missing_keys, result.unexpected_keys, kind="base")
+    with pytest.raises(ValueError, match=r"adapter load: missing keys: lm_head.lora_a.weight"):
+        validate_missing_and_unexpected_for_lora(lora, ["lm_head.lora_a.weight"], [], kind="adapter")
+    with pytest.raises(ValueError, match=r"base load: unexpected keys: bogus"):
+        validate_missing_and_unexpected_for_lora(lora, [], ["bogus"], kind="base")
 
 
 def test_weight_bytes_of_plain_and_lora_models():

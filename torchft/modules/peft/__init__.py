@@ -22,6 +22,7 @@ from torchft.modules.peft.utils import (
     set_trainable_params,
     state_dict_keys,
     validate_lora_state_dict,
+    validate_missing_and_unexpected_for_lora,
     weight_bytes,
 )
 
@@ -44,5 +45,6 @@ __all__ = [
     "state_dict_keys",
     "validate_lora_hparams",
     "validate_lora_targets",
+    "validate_missing_and_unexpected_for_lora",
     "weight_bytes",
 ]

@@ -147,6 +147,26 @@ def validate_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Te
             )
 
 
+def validate_missing_and_unexpected_for_lora(
+    model: nn.Module, missing_keys: list[str], unexpected_keys: list[str], *, kind: str
+) -> None:
+    """Check the result of ``model.load_state_dict(sd, strict=False)`` after the fact.
+
+    ``kind="base"``: only adapter keys may be missing; ``kind="adapter"``: only base keys may be
+    missing. Any unexpected key, or another missing key, raises ``ValueError`` naming the keys.
+    (``load_base_state_dict`` / ``load_adapter_state_dict`` check before loading instead.)
+    """
+    if kind not in ("base", "adapter"):
+        raise ValueError(f"kind ({kind!r}) must be 'base' or 'adapter'")
+    if unexpected_keys:
+        raise ValueError(f"{kind} load: unexpected keys: {_list_keys(unexpected_keys)}")
+    adapter_keys = set(get_adapter_params(model))
+    allowed_missing = adapter_keys if kind == "base" else set(state_dict_keys(model)) - adapter_keys
+    missing = [key for key in missing_keys if key not in allowed_missing]
+    if missing:
+        raise ValueError(f"{kind} load: missing keys: {_list_keys(missing)}")
+
+
 def _lora_owner(key: str, lora_names: set[str]) -> str | None:
     """The LoRA layer a key belongs to (``layers.0.self_attn.q_proj`` for its ``lora_a.weight``), if any."""
     parts = key.split(".")
