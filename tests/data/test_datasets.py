@@ -175,3 +175,13 @@ def test_quickstart_assets():
     assert all(max(train[i]["tokens"]) < tok.vocab_size for i in range(100))
     with pytest.raises(FileNotFoundError, match="no asset named 'x.bin'; available: quickstart_tokenizer.model"):
         assets_path("x.bin")
+
+
+def test_a_datasets_object_as_source(llama3_tok):
+    import datasets
+
+    rows = datasets.Dataset.from_list(ROWS)
+    ds = instruct_dataset(llama3_tok, rows)
+    assert ds[1]["tokens"] == expected_instruct(llama3_tok, ROWS[1])[0]
+    with pytest.raises(ValueError, match="column 'output' not found; columns present: instruction, input"):
+        instruct_dataset(llama3_tok, rows.remove_columns("output"))

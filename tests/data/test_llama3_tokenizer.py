@@ -154,3 +154,11 @@ def test_hf_route_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("not json")
     with pytest.raises(ValueError, match="not a tokenizers JSON file"):
         hf_tokenizer(str(tmp_path))
+
+
+def test_numpy_batch_path_matches_encode(llama3_tok):
+    texts = ["Hello world!", "", "x" * 30_000 + " the cat", "What's <|eot_id|> 42?"]
+    arrays = llama3_tok.encode_batch_numpy(texts)
+    assert [a.tolist() for a in arrays] == llama3_tok.encode_batch(texts)
+    assert [a.tolist() for a in llama3_tok.encode_batch_numpy(texts, add_bos=False, add_eos=False)] == [
+        llama3_tok.encode(t, add_bos=False, add_eos=False) for t in texts]
