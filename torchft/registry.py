@@ -63,6 +63,12 @@ def _configs(*names: str) -> tuple[Config, ...]:
 
 RECIPES: list[Recipe] = [
     Recipe(
+        name="full_finetune_single_device",
+        file_path="full_finetune_single_device.py",
+        supports_distributed=False,
+        configs=_configs("quickstart/full_single_device"),
+    ),
+    Recipe(
         name="lora_finetune_single_device",
         file_path="lora_finetune_single_device.py",
         supports_distributed=False,

@@ -31,6 +31,8 @@ def main(cfg):
         raise RuntimeError("boom inside the recipe")
     if cfg.fail == "interrupt":
         raise KeyboardInterrupt
+    if cfg.fail == "missing_key":
+        print(cfg.optimizer.weight_decay)  # a key the config does not have
     rank = os.environ.get("RANK", "none")  # set by torchrun
     result = {"counter": dict(counter), "lr": cfg.optimizer.lr, "tasks": list(cfg.tasks)}
     if "WORLD_SIZE" in os.environ:
@@ -267,6 +269,11 @@ def test_run_errors_inside_the_recipe_are_one_line(tiny):
     assert line == "tune: error: RuntimeError: boom inside the recipe (rerun with --debug for the traceback)"
     line = one_error_line(tune("run", script, "--config", config, "fail=interrupt"), code=130)
     assert line == "tune: error: interrupted"
+    line = one_error_line(tune("run", script, "--config", config, "fail=missing_key"))
+    assert line == (
+        "tune: error: the config has no key 'optimizer.weight_decay', which the recipe reads; "
+        "add it with +optimizer.weight_decay=VALUE"
+    )
     # the traceback only with --debug or TUNE_DEBUG=1
     for result in (tune("run", script, "--config", config, "fail=runtime", "--debug"),
                    tune("run", script, "--config", config, "fail=runtime", env={"TUNE_DEBUG": "1"})):
@@ -275,6 +282,10 @@ def test_run_errors_inside_the_recipe_are_one_line(tiny):
     # the script run directly behaves the same
     result = subprocess.run([sys.executable, script, "--config", config, "fail=value"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.splitlines()[-1] == f"{script.name}: error: batch_size (0) must be positive"
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == (
+        f"{script.name}: error: the following arguments are required: --config (see '{script.name} --help')\n"
+    )
 
 
 def test_run_unknown_recipe_config_and_script_without_main(tmp_path, tiny):

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 from torchft import registry
+from torchft.config._recipe import CommandLineParser
 from torchft.config._load import did_you_mean, shipped_config_names, shipped_configs_dir
 
 
-class TuneParser(argparse.ArgumentParser):
+class TuneParser(CommandLineParser):
     """argparse with one-line usage errors: ``tune cp: error: <what> (see 'tune cp --help')``, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_subcommand(subparsers, name: str, *, help: str, description: str, epilog: str) -> TuneParser:

@@ -36,10 +36,29 @@ def debug_enabled(argv: Sequence[str] = ()) -> bool:
     return "--debug" in argv or os.environ.get("TUNE_DEBUG", "") not in ("", "0", "false", "False")
 
 
+def _config_access_error(exc: BaseException) -> str | None:
+    """A recipe read a key the config lacks, or one left as ???: say which, and how to set it."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue
+
+    key = getattr(exc, "full_key", None)
+    if not key:
+        return None
+    if isinstance(exc, MissingMandatoryValue):
+        return f"{key}: missing value (the config says ???); set it with {key}=VALUE"
+    if isinstance(exc, (ConfigAttributeError, ConfigKeyError)) and str(exc).startswith("Missing key"):
+        return f"the config has no key '{key}', which the recipe reads; add it with +{key}=VALUE"
+    if isinstance(exc, InterpolationResolutionError):
+        return f"{key}: {str(exc).splitlines()[0]}"
+    return None
+
+
 def error_line(exc: BaseException) -> str:
     """One line describing ``exc`` for a terminal: the first line of its message, type name if unusual."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
+    config_error = _config_access_error(exc)
+    if config_error is not None:
+        return config_error
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     message = lines[0] if lines else type(exc).__name__
     if isinstance(exc, KeyError) and len(exc.args) == 1 and message == repr(exc.args[0]):
@@ -55,6 +74,14 @@ def exit_with_error(exc: BaseException, prog: str, debug: bool) -> NoReturn:
         traceback.print_exception(exc)
     print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
     sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``<prog>: error: <what> (see '<prog> --help')``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
 
 
 def setup_logging() -> None:
@@ -112,7 +139,7 @@ def recipe_main(main: Callable[[DictConfig], object], argv: Sequence[str] | None
     argv = list(sys.argv[1:] if argv is None else argv)
     script = getattr(sys.modules.get(main.__module__), "__file__", None)
     prog = Path(script).name if script else "recipe"
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog=prog,
         description="Run this recipe with a config and optional key=value overrides.",
         epilog=f"example:\n  python {prog} --config quickstart/lora_single_device max_steps=10",
