@@ -95,6 +95,15 @@ def test_build_on_meta_then_load_base_and_init_adapters(use_dora, device):
     torch.testing.assert_close(lora.eval()(TOKENS), plain(TOKENS))
 
 
+def test_base_load_casts_one_layer_at_a_time():
+    plain, _ = _plain_and_lora()
+    with torch.device("meta"):
+        lora = llama(**TINY, **LORA)
+    load_base_state_dict(lora, plain.state_dict(), assign=True, device="cpu", dtype=torch.bfloat16)
+    assert lora.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert lora.norm.weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_full_state_dict_with_adapters_passes_the_base_load(device):
     _, lora = _plain_and_lora(use_dora=True)

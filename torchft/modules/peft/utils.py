@@ -183,17 +183,23 @@ def load_base_state_dict(
     *,
     assign: bool = False,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Load base weights into a LoRA model: only adapter keys may be missing (checked first).
 
     Use ``assign=True`` for a model built on ``meta``; NF4 layers quantize their weights on load.
-    With ``device``, tensors are moved there one at a time just before they are loaded, so a
-    memory-mapped CPU checkpoint is quantized on the GPU without ever holding it all there.
+    With ``device`` and/or ``dtype``, tensors are moved/cast (floating point only) one LoRA layer at a
+    time just before they are loaded, so a memory-mapped CPU checkpoint is quantized on the GPU
+    without ever holding it all there.
     """
     validate_lora_state_dict(model, state_dict, kind="base")
-    if device is None:
+    if device is None and dtype is None:
         model.load_state_dict(state_dict, strict=False, assign=assign)
         return
+
+    def prepare(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+
     # One load per tensor, except that a LoRA layer's tensors load together (a DoRA magnitude must
     # arrive with its weight, or the weight's load would reset it).
     lora_names = set(get_lora_modules(model))
@@ -201,7 +207,7 @@ def load_base_state_dict(
     for key, tensor in state_dict.items():
         groups.setdefault(_lora_owner(key, lora_names) or key, {})[key] = tensor
     for group in groups.values():
-        model.load_state_dict({key: tensor.to(device) for key, tensor in group.items()}, strict=False, assign=assign)
+        model.load_state_dict({key: prepare(tensor) for key, tensor in group.items()}, strict=False, assign=assign)
 
 
 def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
