@@ -259,7 +259,7 @@ def test_import_errors_inside_a_component_module_are_reported_as_such(tmp_path, 
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=r"^model._component_: cannot import 'needs_missing_dep.build': No module named 'not_a_real_dependency_xyz'$"):
         import_component("needs_missing_dep.build", "model")
-    with pytest.raises(ConfigError, match=r"cannot import 'raises_on_import.build': RuntimeError in raises_on_import: CUDA required$"):
+    with pytest.raises(ConfigError, match=r"cannot import 'raises_on_import.build': RuntimeError while importing: CUDA required$"):
         import_component("raises_on_import.build", "model")
     with pytest.raises(ConfigError, match=r"^model._component_: expected a dotted import path"):
         import_component("torch optim", "model")
