@@ -12,7 +12,10 @@ from typing import Sequence
 
 from torchft.cli import cat, cp, download, ls, run, validate
 from torchft.cli._common import TuneParser
+from torchft.config._load import did_you_mean
 from torchft.config._recipe import debug_enabled, exit_with_error
+
+COMMANDS = ["run", "ls", "cp", "cat", "validate", "download"]
 
 EPILOG = """\
 examples:
@@ -36,7 +39,7 @@ def build_parser() -> TuneParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors (or TUNE_DEBUG=1)")
-    subparsers = parser.add_subparsers(dest="command", metavar="{run,ls,cp,cat,validate,download}", parser_class=TuneParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=TuneParser)
     for module in (run, ls, cp, cat, validate, download):
         module.register(subparsers)
     return parser
@@ -65,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         parser.print_help(sys.stderr)
         return 2
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        hint = did_you_mean(argv[0], COMMANDS) or f" (choose from {', '.join(COMMANDS)})"
+        parser.error(f"unknown command '{argv[0]}'{hint}")
     try:
         if argv[0] == "run" and run.wants_torchrun(argv[1:]):
             return run.run_distributed(argv[1:])
