@@ -30,8 +30,8 @@ from torchft.training.signals import StopRequested
 from torchft.training.state import restore_training_state, training_state
 from torchft.training.steps import (check_finite, endless, forward_backward, next_micro_batches,
                                     out_of_memory_message, to_device, total_training_steps, validation_loss)
-from torchft.training.throughput import (ProgressBar, StepTimer, flops_per_token, llama_matmul_params,
-                                         reset_peak_memory, step_metrics)
+from torchft.training.throughput import (ProgressBar, StepTimer, model_flops_per_token, reset_peak_memory,
+                                         step_metrics)
 
 log = logging.getLogger("torchft")
 
@@ -90,11 +90,6 @@ def main(cfg: DictConfig) -> None:
         log.info("resumed from %s at step %d", resume_dir, step)
     metric_logger = instantiate(cfg.metric_logger)
     metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))
-    a = model.args
-    flops_per_tok = flops_per_token(
-        llama_matmul_params(a.num_layers, a.embed_dim, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_dim,
-                            a.vocab_size),
-        a.num_layers, a.num_heads * a.head_dim, tokenizer.max_seq_len or 2048, full_finetune=False)
 
     def save(step: int) -> str:
         path = checkpointer.save(
@@ -132,6 +127,7 @@ def main(cfg: DictConfig) -> None:
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             seconds = timer.stop()
+            flops_per_tok = model_flops_per_token(model.args, micro_batches[0]["tokens"].shape[1], full_finetune=False)
 
             metrics = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": None if grad_norm is None else float(grad_norm),

@@ -124,3 +124,10 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def model_flops_per_token(args, seq_len: int, full_finetune: bool) -> float:
+    """:func:`flops_per_token` for a model's ``LlamaArgs``."""
+    n = llama_matmul_params(args.num_layers, args.embed_dim, args.num_heads, args.num_kv_heads, args.head_dim,
+                            args.intermediate_dim, args.vocab_size)
+    return flops_per_token(n, args.num_layers, args.num_heads * args.head_dim, seq_len, full_finetune)

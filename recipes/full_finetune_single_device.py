@@ -1,0 +1,166 @@
+"""Full fine-tuning of a Llama model on one device: every weight trains.
+
+    tune run full_finetune_single_device --config llama3_2/1B_full_single_device
+    tune run full_finetune_single_device --config quickstart/full_single_device max_steps=20
+
+``optimizer_in_backward=true`` applies AdamW to each weight as soon as its gradient is ready and
+frees the gradient (no whole-model gradient in memory; needs gradient_accumulation_steps=1 and no
+clip_grad_norm). Every save writes ``<output_dir>/step_<N>/``: the model as an HF folder and
+``training_state.pt`` for ``resume_from_checkpoint``. The file reads top to bottom: setup, loop, save.
+"""
+import logging
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from torchft.checkpoint import load_training_state, resolve_resume_dir
+from torchft.config import instantiate, log_and_save_config, recipe_main
+from torchft.data.dataloader import build_dataloader
+from torchft.modules.loss import output_params
+from torchft.training.activations import apply_activation_checkpointing
+from torchft.training.checkpointing import cpu_state_dict
+from torchft.training.compile import compile_layers
+from torchft.training.optim import OptimizerInBackward, clip_grad_norm
+from torchft.training.precision import resolve_device, resolve_dtype
+from torchft.training.rng import seed_everything
+from torchft.training.samples import format_samples, generate_samples
+from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
+                                    check_tokenizer_fits, default_dtype, load_full_model, model_args_summary)
+from torchft.training.signals import StopRequested
+from torchft.training.state import restore_training_state, training_state
+from torchft.training.steps import (check_finite, endless, forward_backward, next_micro_batches,
+                                    out_of_memory_message, to_device, total_training_steps, validation_loss)
+from torchft.training.throughput import (ProgressBar, StepTimer, model_flops_per_token, reset_peak_memory,
+                                         step_metrics)
+
+log = logging.getLogger("torchft")
+
+
+def main(cfg: DictConfig) -> None:
+    # ------------------------------------------------------------------ setup: checks before any work
+    output_dir = check_output_dir_writable(cfg.output_dir)
+    for key in ("batch_size", "gradient_accumulation_steps"):
+        check_positive(key, cfg[key])
+    in_backward = cfg.get("optimizer_in_backward", False)
+    if in_backward and (cfg.gradient_accumulation_steps != 1 or cfg.get("clip_grad_norm") is not None):
+        raise ValueError("optimizer_in_backward=true needs gradient_accumulation_steps=1 and clip_grad_norm=null "
+                         "(each weight is updated before the other gradients exist)")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    seed_everything(cfg.seed)
+    log_and_save_config(cfg, output_dir)
+
+    # ------------------------------------------------------------------ setup: model
+    if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
+        instantiate(cfg.base_model)
+    checkpointer = instantiate(cfg.checkpointer)
+    resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
+    resumed = load_training_state(resume_dir) if resume_dir is not None else None
+
+    with torch.device("meta"), default_dtype(dtype):
+        model = instantiate(cfg.model)
+    check_same_architecture(model.args, checkpointer.model_args, cfg.checkpointer.checkpoint_dir)
+    # A resumed run continues from the weights of its step folder, the others from the input model.
+    load_full_model(model, checkpointer.load_model_state_dict(resume_dir), device, dtype)
+    if cfg.enable_activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        compile_layers(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info("model: %s; %.2fM trainable of %.2fM parameters", model_args_summary(model.args),
+             sum(p.numel() for p in trainable) / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    # ------------------------------------------------------------------ setup: data
+    tokenizer = instantiate(cfg.tokenizer)
+    check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
+    dataset = instantiate(cfg.dataset, tokenizer=tokenizer)
+    loader = build_dataloader(dataset, cfg.batch_size, shuffle=cfg.get("shuffle", True), seed=cfg.seed,
+                              pad_id=tokenizer.pad_id, device=device)
+    val_loader = None
+    if cfg.get("validation_dataset") is not None:
+        val_loader = build_dataloader(instantiate(cfg.validation_dataset, tokenizer=tokenizer), cfg.batch_size,
+                                      shuffle=False, drop_last=False, pad_id=tokenizer.pad_id, device=device)
+    accum = cfg.gradient_accumulation_steps
+    total_steps = total_training_steps(cfg.get("max_steps"), cfg.get("epochs"), len(loader), accum)
+
+    # ------------------------------------------------------------------ setup: optimization and logging
+    if in_backward:  # the same AdamW settings, applied per weight from its gradient hook
+        optimizer = OptimizerInBackward(trainable, **{k: v for k, v in cfg.optimizer.items() if k != "_component_"})
+    else:
+        optimizer = instantiate(cfg.optimizer, trainable)
+    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
+    loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    loss_params = output_params(model)  # the output projection's weight (the embedding when tied)
+    step = 0
+    if resumed is not None:
+        step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
+        log.info("resumed from %s at step %d", resume_dir, step)
+    metric_logger = instantiate(cfg.metric_logger)
+    metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+
+    def save(step: int) -> str:
+        path = checkpointer.save(step, cpu_state_dict(model),
+                                 training_state=training_state(step, optimizer, lr_scheduler, loader))
+        return str(path)
+
+    prompts = list(cfg.get("sample_prompts") or [])
+    if prompts:
+        print(format_samples("samples before fine-tuning:",
+                             prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
+    if val_loader is not None and step == 0:
+        metric_logger.log({"val_loss": validation_loss(model, val_loader, loss_fn, device)}, step=0)
+
+    # ------------------------------------------------------------------ loop
+    batches = endless(loader)  # epoch after epoch, from the restored position when resuming
+    last_save = str(resume_dir) if resume_dir is not None else None
+    progress = ProgressBar(total_steps, initial=step, disable=not cfg.get("progress_bar", True))
+    timer = StepTimer(device)
+    model.train()
+    with StopRequested() as stop:
+        while step < total_steps and not stop.requested:
+            micro_batches = [to_device(b, device) for b in next_micro_batches(batches, accum)]
+            step += 1
+            reset_peak_memory(device)
+            timer.start()
+            try:
+                loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params,
+                                                    cfg.get("enable_activation_offloading", False))
+            except torch.OutOfMemoryError as err:
+                raise MemoryError(out_of_memory_message(step, cfg.batch_size, micro_batches[0]["tokens"].shape[1])) from err
+            check_finite(loss, step, last_save)  # before the update: a NaN never reaches the weights
+            grad_norm = clip_grad_norm(trainable, cfg.get("clip_grad_norm"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            seconds = timer.stop()
+            flops_per_tok = model_flops_per_token(model.args, micro_batches[0]["tokens"].shape[1], full_finetune=True)
+
+            metrics = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": None if grad_norm is None else float(grad_norm),
+                       "tokens": num_tokens, **step_metrics(num_tokens, seconds, flops_per_tok, device)}
+            progress.update(metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
+                            metrics.get("peak_memory_alloc_gib", metrics.get("peak_rss_gib")))
+            if step % cfg.get("log_every_n_steps", 1) == 0:
+                metric_logger.log(metrics, step=step)
+            if val_loader is not None and cfg.get("eval_every_n_steps") and (
+                    step % cfg.eval_every_n_steps == 0 or step == total_steps):
+                val = validation_loss(model, val_loader, loss_fn, device)
+                metric_logger.log({"val_loss": val}, step=step)
+                progress.write(f"step {step}: validation loss {val:.4f}")
+
+            # ---------------------------------------------------------- save
+            if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.requested:
+                last_save = save(step)
+                progress.write(f"step {step}: saved {last_save}")
+    progress.close()
+    if stop.requested:
+        log.warning("%s received: saved %s; continue with resume_from_checkpoint=%s", stop.requested, last_save,
+                    last_save)
+    if prompts and not stop.requested:
+        print(format_samples("samples after fine-tuning:",
+                             prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
+    metric_logger.close()
+
+
+if __name__ == "__main__":
+    recipe_main(main)
