@@ -122,3 +122,25 @@ def test_collate_errors():
                         {k: torch.zeros(5, dtype=torch.long) for k in ("tokens", "labels", "input_pos", "document_ids")}])
     with pytest.raises(ValueError, match="sample 0: 2 tokens but 1 labels"):
         padded_collate([{"tokens": [1, 2], "labels": [1]}])
+
+
+@pytest.mark.gpu
+def test_packed_loss_with_flex_block_mask_on_cuda(chats, llama3_tok):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from torchft.models._llama import llama
+
+    unpacked, packed = chats
+    torch.manual_seed(0)
+    model = llama(vocab_size=llama3_tok.vocab_size, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                  intermediate_dim=128, max_seq_len=128).cuda().eval()
+    to_cuda = lambda batch: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        ref_sum, count = _loss_sum(model, to_cuda(padded_collate([unpacked[i] for i in range(len(unpacked))],
+                                                               pad_id=llama3_tok.pad_id)))
+        parts = []
+        for batch in build_dataloader(packed, 8, shuffle=False, drop_last=False, device="cuda"):
+            assert isinstance(batch["mask"], BlockMask)
+            parts.append(_loss_sum(model, to_cuda(batch)))
+    assert sum(n for _, n in parts) == count
+    torch.testing.assert_close(sum(l for l, _ in parts) / count, ref_sum / count, atol=2e-5, rtol=0)

@@ -71,14 +71,14 @@ def _check_columns(rows, source, required: dict[str, str]):
             )
 
 
-def _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir):
+def _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir, with_labels=True):
     """Tokenize ``rows`` batch by batch into a TokenStore, applying the length policy with counts."""
     if long_samples not in ("truncate", "drop"):
         raise ValueError(f"long_samples must be 'truncate' or 'drop', got {long_samples!r}")
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs max_seq_len (on the dataset or the tokenizer)")
     stats = {"rows": len(rows), "truncated": 0, "dropped_too_long": 0, "dropped_nothing_to_train": 0}
-    store = TokenStore(cache_dir)
+    store = TokenStore(cache_dir, with_labels=with_labels)
 
     def finish_batch(start, result):
         tokens_batch, labels_batch = result
@@ -321,4 +321,5 @@ def text_completion_dataset(
         encode = getattr(tokenizer, "encode_batch_numpy", tokenizer.encode_batch)
         return encode(texts, add_bos=True, add_eos=add_eos), None
 
-    return _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir)
+    return _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir,
+                  with_labels=False)

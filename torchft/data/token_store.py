@@ -18,21 +18,26 @@ import numpy as np
 class TokenStore:
     """Append-then-read storage of variable-length (tokens, labels) samples."""
 
-    def __init__(self, cache_dir: str | None = None):
+    def __init__(self, cache_dir: str | None = None, with_labels: bool = True):
         self.dir = tempfile.mkdtemp(prefix="torchft-tokens-", dir=cache_dir)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
-        self._files = {name: open(os.path.join(self.dir, f"{name}.bin"), "wb") for name in ("tokens", "labels")}
+        # Without labels (text completion: labels equal tokens) only the tokens are written.
+        self.with_labels = with_labels
+        names = ("tokens", "labels") if with_labels else ("tokens",)
+        self._files = {name: open(os.path.join(self.dir, f"{name}.bin"), "wb") for name in names}
         self._lengths: list[np.ndarray] = []
         self.offsets: np.ndarray | None = None
         self._arrays: dict[str, np.ndarray] = {}
 
     def append(self, tokens: list[list[int]], labels: list[list[int]] | None = None) -> None:
         """Add a batch of samples (lists of ints or int arrays); ``labels=None``: labels equal tokens."""
+        if (labels is None) == self.with_labels:
+            raise ValueError("this token store was made with_labels=%s" % self.with_labels)
         lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
         flat = self._flatten(tokens, int(lengths.sum()))
-        flat_labels = flat if labels is None else self._flatten(labels, len(flat))
         flat.tofile(self._files["tokens"])
-        flat_labels.tofile(self._files["labels"])
+        if labels is not None:
+            self._flatten(labels, len(flat)).tofile(self._files["labels"])
         self._lengths.append(lengths)
 
     @staticmethod
@@ -54,11 +59,13 @@ class TokenStore:
         return self
 
     def _open(self):
-        for name in ("tokens", "labels"):
+        for name in ("tokens", "labels") if self.with_labels else ("tokens",):
             path = os.path.join(self.dir, f"{name}.bin")
             # np.memmap refuses empty files; an empty store reads as empty arrays.
             size = os.path.getsize(path)
             self._arrays[name] = np.memmap(path, dtype=np.int32, mode="r") if size else np.zeros(0, np.int32)
+        if not self.with_labels:
+            self._arrays["labels"] = self._arrays["tokens"]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -78,9 +85,9 @@ class TokenStore:
 
     # DataLoader workers started with "spawn" receive a pickled dataset: send the folder, not the data.
     def __getstate__(self):
-        return {"dir": self.dir, "offsets": self.offsets}
+        return {"dir": self.dir, "offsets": self.offsets, "with_labels": self.with_labels}
 
     def __setstate__(self, state):
-        self.dir, self.offsets = state["dir"], state["offsets"]
+        self.dir, self.offsets, self.with_labels = state["dir"], state["offsets"], state["with_labels"]
         self._arrays, self._finalizer = {}, None
         self._open()
