@@ -16,6 +16,8 @@ VARIANTS = {
     "llama3_2": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Biases on every attention and MLP projection (attention_bias / mlp_bias configs).
+    "biases": dict(num_key_value_heads=2, rope_theta=10000.0, attention_bias=True, mlp_bias=True),
     # head_dim set explicitly, not hidden_size / heads.
     "odd_head_dim": dict(num_key_value_heads=2, head_dim=24, rope_theta=10000.0, tie_word_embeddings=False),
 }

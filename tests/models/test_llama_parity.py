@@ -10,6 +10,7 @@ def _torchft_twin(hf_model):
     model = from_hf_config(hf_model.config.to_dict()).eval()
     missing, unexpected = model.load_state_dict(hf_to_torchft_keys(hf_model.state_dict(), tied=hf_model.config.tie_word_embeddings), strict=True)
     assert not missing and not unexpected
+    assert sum(p.numel() for p in model.parameters()) == model.args.num_params()
     return model
 
 

@@ -287,8 +287,7 @@ def build_from_args(args: LlamaArgs, spec: Optional[_AdapterSpec] = None) -> Tra
     d, hd = args.embed_dim, args.head_dim
     layers = nn.ModuleList()
     for _ in range(args.num_layers):
-        attn_linear = lambda name, i, o: spec.linear(i, o, args.attn_bias if name != "o_proj" else False,
-                                                      adapted=name in spec.attn_modules)
+        attn_linear = lambda name, i, o: spec.linear(i, o, args.attn_bias, adapted=name in spec.attn_modules)
         self_attn = GroupedQueryAttention(
             args.num_heads, args.num_kv_heads, hd,
             q_proj=attn_linear("q_proj", d, args.num_heads * hd),
