@@ -53,3 +53,19 @@ def test_registry_lookups():
     assert set(load_config(config.name).keys()) <= registry.accepted_keys(recipe)
     with pytest.raises(ValueError, match=r"no recipe named 'lora_finetune_singel_device' \(did you mean"):
         registry.get_recipe("lora_finetune_singel_device")
+
+
+def test_a_config_of_another_recipe_is_refused_with_the_right_command():
+    from torchft.config._recipe import check_recipe_keys
+
+    (first, first_config), other = CONFIGS[0], next(r for r in RECIPES if r.name != CONFIGS[0][0].name)
+    cfg = load_config(first_config.name)
+    check_recipe_keys(cfg, first.path, first_config.name)  # its own recipe: fine
+    if not set(cfg.keys()) - registry.accepted_keys(other):
+        pytest.skip(f"{other.name} reads every key of {first_config.name}")
+    with pytest.raises(ValueError, match=rf"^config {first_config.name} is for recipe {first.name}, not {other.name}: "
+                       rf"tune run {first.name} --config {first_config.name}$"):
+        check_recipe_keys(cfg, other.path, first_config.name)
+    cfg["max_stepz"] = 3
+    with pytest.raises(ValueError, match=r"^max_stepz: unknown key for this recipe"):
+        check_recipe_keys(cfg, first.path, "my_copy.yaml")

@@ -92,7 +92,7 @@ def load_recipe_main(script: Path):
 def main(args: argparse.Namespace) -> int:
     script, _ = resolve_recipe(args.recipe)
     cfg = load_config(args.config, args.overrides)
-    check_recipe_keys(cfg, script)
+    check_recipe_keys(cfg, script, args.config)
     recipe_main = load_recipe_main(script)
     setup_logging()
     sys.argv = [str(script), "--config", args.config, *args.overrides]
@@ -124,7 +124,7 @@ def run_distributed(argv: Sequence[str]) -> int:
         )
     # Check the config and overrides here, once, before any process starts.
     cfg = load_config(recipe_args.config, recipe_args.overrides)
-    check_recipe_keys(cfg, script)
+    check_recipe_keys(cfg, script, recipe_args.config)
 
     torchrun_args.training_script = str(script)
     torchrun_args.training_script_args = ["--config", recipe_args.config, *recipe_args.overrides]

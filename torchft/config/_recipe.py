@@ -116,7 +116,7 @@ def log_and_save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     return path
 
 
-def check_recipe_keys(cfg: DictConfig, script: str | Path | None) -> None:
+def check_recipe_keys(cfg: DictConfig, script: str | Path | None, config_name: str | None = None) -> None:
     """Refuse top-level keys the (registered) recipe does not read, so ``max_step: 10`` is not ignored."""
     if script is None:
         return
@@ -126,8 +126,21 @@ def check_recipe_keys(cfg: DictConfig, script: str | Path | None) -> None:
     if recipe is None:
         return
     problems = unknown_key_problems(cfg, registry.accepted_keys(recipe))
-    if problems:
-        raise ValueError("; ".join(problems))
+    if not problems:
+        return
+    owner = registry.find_config(str(config_name)) if config_name is not None else None
+    if owner is not None and owner[0].name != recipe.name:
+        raise ValueError(
+            f"config {config_name} is for recipe {owner[0].name}, not {recipe.name}: "
+            f"tune run {owner[0].name} --config {config_name}"
+        )
+    if len(problems) > 3:
+        keys = [problem.split(":", 1)[0] for problem in problems]
+        raise ValueError(
+            f"{len(keys)} top-level keys unknown to recipe {recipe.name} ({', '.join(keys[:4])}, ...); "
+            "is the config meant for another recipe?"
+        )
+    raise ValueError("; ".join(problems))
 
 
 def recipe_main(main: Callable[[DictConfig], object], argv: Sequence[str] | None = None) -> NoReturn:
@@ -153,7 +166,7 @@ def recipe_main(main: Callable[[DictConfig], object], argv: Sequence[str] | None
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        check_recipe_keys(cfg, script)
+        check_recipe_keys(cfg, script, args.config)
         main(cfg)
     except (Exception, KeyboardInterrupt) as exc:
         exit_with_error(exc, prog, debug)
