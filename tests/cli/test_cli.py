@@ -311,6 +311,9 @@ def test_run_hands_torchrun_options_to_torch_distributed(tiny):
     assert result.returncode == 0, result.stderr
     # written by rank 0 of a process torchrun started, with the overrides handed over
     assert (out / "result_0.json").read_text() == '{"counter": {"a": 1}, "lr": 0.5, "tasks": ["arc_easy"], "world_size": 1}'
+    # torchrun's own usage errors are one line too
+    line = one_error_line(tune("run", "--nproc_per_node"), code=2)
+    assert line == "tune run: error: argument --nproc-per-node/--nproc_per_node: expected one argument (see 'tune run --help')"
     # overrides are checked before any process starts
     line = one_error_line(tune("run", "--nproc_per_node", "1", script, "--config", config, "optimizer.lrr=1"))
     assert line.startswith("tune: error: cannot set 'optimizer.lrr'")
