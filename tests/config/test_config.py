@@ -146,6 +146,10 @@ def test_instantiate_nested_merges_caller_kwargs(config_file):
     logger = instantiate(cfg.metric_logger)
     assert logger.log_dir == "/tmp/run/logs"  # interpolation resolved before the call
     assert instantiate({"_component_": "collections.Counter", "x": 3}) == collections.Counter(x=3)
+    # an interpolation that points at a whole node passes that node (built, if it is a component)
+    linked = OmegaConf.create({"a": {"x": [1, 2]}, "c": {"_component_": "collections.Counter", "y": 1},
+                               "b": {"_component_": "builtins.dict", "inner": "${a}", "counter": "${c}"}})
+    assert instantiate(linked.b) == {"inner": {"x": [1, 2]}, "counter": collections.Counter(y=1)}
     assert instantiate(None) is None
 
 

@@ -124,15 +124,22 @@ def _build(value: Any, path: str) -> Any:
     if isinstance(value, ListConfig):
         return [_build(value._get_node(i), f"{path}.{i}" if path else str(i)) for i in range(len(value))]
     if hasattr(value, "_value"):  # an OmegaConf value node: resolve interpolations
+        resolved = _dereference(value, path)
+        if isinstance(resolved, (DictConfig, ListConfig)):  # `inner: ${dataset}` points at a whole node
+            return _build(resolved, path)
         return _resolve_leaf(value, path)
     return value
 
 
-def _resolve_leaf(node: Any, path: str) -> Any:
+def _dereference(node: Any, path: str) -> Any:
     try:
-        resolved = node._dereference_node()
+        return node._dereference_node()
     except Exception as err:
         raise ConfigError(f"{_label(path)}: cannot resolve {node._value()!r}: {str(err).splitlines()[0]}") from None
+
+
+def _resolve_leaf(node: Any, path: str) -> Any:
+    resolved = _dereference(node, path)
     value = resolved._value() if resolved is not None else None
     if value == "???":
         raise ConfigError(f"{_label(path)}: missing value (the config says ???); set it with {path}=VALUE")
