@@ -84,7 +84,8 @@ def test_trained_adapter_is_evaluated_and_changes_scores(model_and_tokenizer):
 def test_eval_hook_returns_flat_metrics_and_restores_mode(model_and_tokenizer):
     model, tok = model_and_tokenizer
     model.train()
-    metrics = eval_hook(model, tok, ["torchft_tiny_mc", "torchft_tiny_ppl"], include_path=TASKS_DIR, limit=4)
+    metrics = eval_hook(model, tok, ["torchft_tiny_mc", "torchft_tiny_ppl"], include_path=TASKS_DIR,
+                       include_defaults=False, limit=4)
     assert model.training
     full = evaluate(model, tok, ["torchft_tiny_mc"], include_path=TASKS_DIR, include_defaults=False, limit=4)
     assert metrics["torchft_tiny_mc/acc"] == full["results"]["torchft_tiny_mc"]["acc,none"]

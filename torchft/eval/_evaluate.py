@@ -182,16 +182,20 @@ def eval_hook(
     num_fewshot: int | None = None,
     batch_size: int = 8,
     include_path: str | Path | Sequence[str | Path] | None = None,
+    include_defaults: bool = True,
     max_seq_len: int | None = None,
+    task_manager=None,
 ) -> dict[str, float]:
     """Evaluation for a training loop: score ``model`` as it is now and return flat metrics.
 
     Call it at the end of training or every N steps and hand the dict to a metric logger, e.g.
     ``logger.log_dict(eval_hook(model, tokenizer, ["tiny_mc"], limit=50), step)``. The model's
-    train/eval mode is restored afterwards; gradients are not touched.
+    train/eval mode is restored afterwards; gradients are not touched. To skip re-indexing lm-eval's
+    tasks on every call, build ``task_manager_for(tasks, include_path)`` once and pass it.
     """
     results = evaluate(
         model, tokenizer, list(tasks), limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-        include_path=include_path, max_seq_len=max_seq_len, check_adapter=False,
+        include_path=include_path, include_defaults=include_defaults, max_seq_len=max_seq_len,
+        check_adapter=False, task_manager=task_manager,
     )
     return flatten_metrics(results)

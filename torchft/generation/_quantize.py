@@ -101,6 +101,8 @@ def save_quantized(model: nn.Module, output_dir: str | Path, *, scheme: str, gro
                    source_dir: str | Path | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write the quantized weights, ``quantization.json`` and (from ``source_dir``) config and tokenizer files.
 
+    Without ``source_dir`` (or when it has no ``config.json``), ``config.json`` comes from ``model.args``.
+
     The folder is written under a temporary name and renamed into place, so it is either whole or absent.
     """
     import torchao
@@ -119,6 +121,9 @@ def save_quantized(model: nn.Module, output_dir: str | Path, *, scheme: str, gro
             if src.is_file():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, tmp / name)
+    if not (tmp / "config.json").is_file() and hasattr(model, "args"):
+        # A model built in memory: describe it from its dimensions, as transformers would.
+        (tmp / "config.json").write_text(json.dumps(model.args.to_hf_config(), indent=2) + "\n")
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)
