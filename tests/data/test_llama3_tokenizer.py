@@ -148,6 +148,18 @@ def test_parity_with_transformers_tiktoken_conversion_and_hf_route(tmp_path, lla
     assert hf.tokenize_messages(CHAT, add_eos=False)[0] == llama3_tok.tokenize_messages(CHAT, add_eos=False)[0]
 
 
+def test_hf_route_reads_chat_template_jinja_and_reports_a_missing_template(tmp_path, llama3_ranks_path, llama3_tok):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(vocab_file=llama3_ranks_path, extra_special_tokens=SPECIAL_TOKENS).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    with pytest.raises(ValueError, match="no chat template \\(neither chat_template in tokenizer_config.json nor chat_template.jinja\\)"):
+        hf_tokenizer(str(tmp_path)).tokenize_messages(CHAT)
+    (tmp_path / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    assert hf_tokenizer(str(tmp_path)).tokenize_messages(CHAT) == llama3_tok.tokenize_messages(CHAT)
+
+
 def test_hf_route_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         hf_tokenizer(str(tmp_path))

@@ -1,6 +1,7 @@
 """A tokenizer from a Hugging Face model folder: ``tokenizer.json`` + ``tokenizer_config.json``.
 
-Text goes through the ``tokenizers`` package; chats through the folder's own Jinja chat template. The
+Text goes through the ``tokenizers`` package; chats through the folder's own Jinja chat template
+(``chat_template`` in tokenizer_config.json, or a ``chat_template.jinja`` file). The
 template owns BOS in chats, so rendered chats are tokenized without the tokenizer's post-processor
 (which would add a second BOS).
 """
@@ -72,6 +73,10 @@ class HFTokenizer(BaseTokenizer):
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: use the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template_file = os.path.join(model_dir, "chat_template.jinja")  # where newer folders keep it
+        if template is None and os.path.isfile(template_file):
+            with open(template_file) as f:
+                template = f.read()
         self.chat_template = template
         self._template = _compile_template(template) if template else None
 
@@ -97,7 +102,7 @@ class HFTokenizer(BaseTokenizer):
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         """The chat template applied to ``messages`` (a string, not yet tokenized)."""
         if self._template is None:
-            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template")
+            raise ValueError(f"{self.path}: no chat template (neither chat_template in tokenizer_config.json nor chat_template.jinja)")
         dicts = [{"role": m.role, "content": m.content} for m in messages]
         return self._template.render(
             messages=dicts,
