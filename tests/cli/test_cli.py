@@ -341,14 +341,19 @@ def test_run_refuses_torchrun_options_for_a_single_device_recipe(tiny, monkeypat
 def test_download_against_a_local_hub(tmp_path):
     from tests.cli.fake_hub import COMMIT, FakeHub
 
-    files = {"config.json": b'{"hidden_size": 64}', "model.safetensors": bytes(range(256)) * 40, "original/consolidated.00.pth": b"meta"}
+    files = {
+        "config.json": b'{"hidden_size": 64}',
+        "model.safetensors": bytes(range(256)) * 40,
+        "original/consolidated.00.pth": b"meta",
+    }
     repos = {"acme/tiny-llama": files, "acme/gated-llama": {"config.json": b"{}"}}
     with FakeHub(repos, gated={"acme/gated-llama": "hf_granted"}) as hub:
         env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}  # HF_HUB_OFFLINE too
         env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
 
         def download(*args, **extra_env):
-            return subprocess.run([*TUNE, "download", *map(str, args)], env={**env, **extra_env}, capture_output=True, text=True)
+            command = [*TUNE, "download", *map(str, args)]
+            return subprocess.run(command, env={**env, **extra_env}, capture_output=True, text=True)
 
         out = tmp_path / "tiny-llama"
         result = download("acme/tiny-llama", "--output-dir", out, "--ignore-patterns", "original/*")

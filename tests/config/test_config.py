@@ -99,7 +99,11 @@ def test_override_swaps_component_and_keeps_arguments(config_file):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("optimizer.lrr=1e-4", r"cannot set 'optimizer.lrr': the config has no such key \(did you mean 'optimizer.lr'\?\); use \+optimizer.lrr=VALUE to add it"),
+        (
+            "optimizer.lrr=1e-4",
+            r"cannot set 'optimizer.lrr': the config has no such key \(did you mean 'optimizer.lr'\?\); "
+            r"use \+optimizer.lrr=VALUE to add it",
+        ),
         ("max_step=3", r"cannot set 'max_step': .*did you mean 'max_steps'"),
         ("~optimzer", r"cannot remove 'optimzer': the config has no such key \(did you mean 'optimizer'\?\)"),
         ("+max_steps=3", r"cannot add 'max_steps': the config already has it; use max_steps=VALUE"),
@@ -205,7 +209,8 @@ def test_validate_reports_every_problem_at_once(config_file):
             "+extra=???",
         ],
     )
-    problems = validate(cfg, accepted_keys=["output_dir", "max_steps", "tasks", "optimizer", "model", "dataset", "metric_logger", "extra"])
+    accepted = ["output_dir", "max_steps", "tasks", "optimizer", "model", "dataset", "metric_logger", "extra"]
+    problems = validate(cfg, accepted_keys=accepted)
     assert problems == [
         "max_step: unknown key for this recipe (did you mean 'max_steps'?)",
         "optimizer: unexpected argument 'betas_' for torch.optim.AdamW (did you mean 'betas'?)",

@@ -113,8 +113,8 @@ def download(
 
 def main(args: argparse.Namespace) -> int:
     output_dir = download(args.repo_id, args.output_dir, token=args.hf_token, ignore_patterns=args.ignore_patterns)
-    n_files = sum(
-        1 for p in output_dir.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(output_dir).parts)
-    )
+    # count the model's files, not the client's .cache/ bookkeeping nor our .torchft_repo_id
+    files = [p.relative_to(output_dir) for p in output_dir.rglob("*") if p.is_file()]
+    n_files = sum(1 for p in files if not any(part.startswith(".") for part in p.parts))
     print(f"downloaded {args.repo_id} to {output_dir} ({n_files} files)")
     return 0

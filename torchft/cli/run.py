@@ -55,7 +55,9 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def wants_torchrun(argv: Sequence[str]) -> bool:
     """True when options come before the recipe: ``tune run --nproc_per_node 2 recipe ...``."""
-    return bool(argv) and argv[0].startswith("-") and argv[0] not in ("-h", "--help") and not argv[0].startswith("--config")
+    if not argv or not argv[0].startswith("-"):
+        return False
+    return argv[0] not in ("-h", "--help") and not argv[0].startswith("--config")
 
 
 def resolve_recipe(recipe: str) -> tuple[Path, registry.Recipe | None]:

@@ -55,6 +55,9 @@ def main(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    checked = f" (keys checked against recipe {recipe.name})" if recipe else " (top-level keys not checked: pass --recipe NAME)"
+    if recipe is not None:
+        checked = f" (keys checked against recipe {recipe.name})"
+    else:
+        checked = " (top-level keys not checked: pass --recipe NAME)"
     print(f"OK: {args.config}{checked}")
     return 0

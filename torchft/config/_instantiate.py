@@ -48,11 +48,13 @@ def import_component(dotted: str, key_path: str = "") -> Callable[..., Any]:
         except ModuleNotFoundError as err:
             # Only "this very module does not exist" means: try a shorter prefix. A module that exists
             # but fails to import one of its own dependencies is reported as such.
-            missing_itself = err.name is not None and (module_name == err.name or module_name.startswith(err.name + "."))
+            missing = err.name
+            missing_itself = missing is not None and (module_name == missing or module_name.startswith(missing + "."))
             if not missing_itself:
                 raise ConfigError(f"{where}: cannot import '{dotted}': {err}") from None
         except Exception as err:  # an error raised while executing the module's code
-            raise ConfigError(f"{where}: cannot import '{dotted}': {type(err).__name__} while importing: {err}") from None
+            reason = f"{type(err).__name__} while importing: {err}"
+            raise ConfigError(f"{where}: cannot import '{dotted}': {reason}") from None
     if module is None:
         raise ConfigError(f"{where}: cannot import '{dotted}': no module named '{parts[0]}'")
     obj: Any = module

@@ -38,7 +38,12 @@ def debug_enabled(argv: Sequence[str] = ()) -> bool:
 
 def _config_access_error(exc: BaseException) -> str | None:
     """A recipe read a key the config lacks, or one left as ???: say which, and how to set it."""
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        InterpolationResolutionError,
+        MissingMandatoryValue,
+    )
 
     key = getattr(exc, "full_key", None)
     if not key:

@@ -89,9 +89,8 @@ def unknown_key_problems(cfg: DictConfig, accepted_keys: Iterable[str]) -> list[
     accepted = sorted(set(accepted_keys))
     if not accepted:
         return []
-    return [
-        f"{key}: unknown key for this recipe{did_you_mean(str(key), accepted)}" for key in cfg.keys() if key not in accepted
-    ]
+    unknown = [str(key) for key in cfg.keys() if key not in accepted]
+    return [f"{key}: unknown key for this recipe{did_you_mean(key, accepted)}" for key in unknown]
 
 
 def validate(
