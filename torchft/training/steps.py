@@ -5,6 +5,7 @@ micro-batch's summed loss is divided by the number of target tokens of the whole
 backward, so the accumulated gradient is exactly the gradient of the mean over all of the step's
 target tokens. 4 micro-batches of 1 sample and 1 micro-batch of 4 samples give the same update.
 """
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -42,9 +43,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def next_micro_batches(batches: Iterator[dict], count: int) -> list[dict]:
-    """The next ``count`` micro-batches of one optimizer step (``StopIteration`` when the data ends first)."""
-    out = [next(batches) for _ in range(count)]
-    return out
+    """The next ``count`` micro-batches of one optimizer step.
+
+    Fetching never consumes the global torch RNG (which dropout draws from): starting a
+    ``DataLoader`` iterator draws a seed from it, and a resumed run starts its iterator at another
+    step than the original run did, so without this the dropout masks after a resume would differ.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return [next(batches) for _ in range(count)]
 
 
 def count_target_tokens(micro_batches: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> int:
@@ -89,9 +95,9 @@ def validation_loss(model: nn.Module, batches, loss_fn: ChunkedCrossEntropy, dev
     model.eval()
     total, count = 0.0, 0
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
+        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws from the global RNG
+            batch_list = list(itertools.islice(batches, max_batches))
+        for batch in batch_list:
             batch = to_device(batch, device)
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             loss_sum, n = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output)

@@ -29,9 +29,10 @@ def test_resolve_device_without_cuda():
         resolve_device("cuda")
 
 
-def test_rng_roundtrip():
+def test_rng_roundtrip(tmp_path):
     seed_everything(3)
-    state = get_rng_state()
+    torch.save(get_rng_state(), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)  # how a resumed run reads it
     first = (random.random(), np.random.rand(), torch.rand(2))
     set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(2))

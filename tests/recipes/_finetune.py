@@ -1,0 +1,58 @@
+"""Shared set-up of the fine-tuning recipe tests: a tiny base model, a small dataset, a config."""
+import json
+from pathlib import Path
+
+from torchft.config import load_config
+from torchft.data._assets import QUICKSTART_SPLITS, assets_path
+from torchft.training.quickstart import tiny_base_model
+
+# dim 64, 2 layers, 4 heads, 2 kv heads; the quickstart tokenizer's vocabulary (1024)
+TINY = dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128, max_seq_len=256)
+# QLoRA: every adapted linear's numel a multiple of 64 * 256 (NF4 blocks and double-quantized scales)
+TINY_NF4 = dict(num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=4, intermediate_dim=256, max_seq_len=256)
+
+
+def make_base(root: Path, dims: dict = TINY) -> Path:
+    return tiny_base_model(str(root / "base"), seed=0, **dims)
+
+
+def make_data(root: Path, train_rows: int = 32, val_rows: int = 8) -> tuple[Path, Path]:
+    """The first rows of the quickstart splits, as local JSONL files (the `source=json` path users take)."""
+    paths = []
+    for split, n in (("train", train_rows), ("validation", val_rows)):
+        lines = Path(assets_path(QUICKSTART_SPLITS[split])).read_text().splitlines()[:n]
+        path = root / f"{split}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return tuple(paths)
+
+
+def tiny_config(recipe: str, root: Path, base: Path, overrides=()):
+    """The quickstart config of ``recipe`` ("lora" or "full") pointed at the tiny base and data."""
+    root.mkdir(parents=True, exist_ok=True)
+    train, val = make_data(root)
+    cfg = load_config(f"quickstart/{recipe}_single_device", [
+        "~base_model",
+        f"output_dir={root / 'out'}",
+        f"checkpointer.checkpoint_dir={base}",
+        "dataset._component_=torchft.data.datasets.instruct_dataset", "+dataset.source=json",
+        f"+dataset.data_files={train}",
+        "validation_dataset._component_=torchft.data.datasets.instruct_dataset", "+validation_dataset.source=json",
+        f"+validation_dataset.data_files={val}", "validation_dataset.split=train",
+        "batch_size=4", "max_steps=4", "eval_every_n_steps=2", "save_every_n_steps=100",
+        "progress_bar=false", "sample_prompts=null", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
+        *overrides,
+    ])
+    return cfg
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(output_dir) if "loss" in m}
+
+
+def val_losses(output_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["val_loss"] for m in read_metrics(output_dir) if "val_loss" in m}

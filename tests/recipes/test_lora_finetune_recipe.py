@@ -1,0 +1,169 @@
+"""End-to-end runs of recipes/lora_finetune_single_device.py on tiny models (CPU)."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from torchft._recipes import lora_finetune_single_device as recipe
+from torchft.training.steps import NonFiniteLossError
+
+from ._finetune import TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("lora_base"))
+
+
+def test_loss_decreases_and_outputs_load_in_transformers_and_peft(tmp_path, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=8", "eval_every_n_steps=8"])
+    recipe.main(cfg)
+    out = tmp_path / "out"
+    val = val_losses(out)
+    assert val[8] < 0.8 * val[0]
+    losses = train_losses(out)
+    assert sum(list(losses.values())[-2:]) < sum(list(losses.values())[:2])
+
+    step = out / "step_8"
+    assert {"model.safetensors", "config.json", "tokenizer.model", "training_state.pt"} <= {p.name for p in step.iterdir()}
+    adapter = step / "adapter"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    tokens = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+    # the merged weights alone, in a plain transformers model
+    merged = LlamaForCausalLM(LlamaConfig.from_pretrained(step)).eval()
+    merged.load_state_dict(load_file(step / "model.safetensors"), strict=False)  # lm_head is tied
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    auto = AutoModelForCausalLM.from_pretrained(step).eval()
+    untrained = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        merged_logits = merged(tokens).logits
+        torch.testing.assert_close(with_adapter(tokens).logits, merged_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(auto(tokens).logits, merged_logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(untrained(tokens).logits, merged_logits, atol=1e-3)  # the adapter did something
+
+
+def test_gradient_accumulation_4x1_equals_1x4(tmp_path, base):
+    runs = {}
+    for name, bs, accum in (("1x4", 4, 1), ("4x1", 1, 4)):
+        cfg = tiny_config("lora", tmp_path / name, base,
+                          [f"batch_size={bs}", f"gradient_accumulation_steps={accum}", "max_steps=3", "dtype=fp32",
+                           "~validation_dataset", "clip_grad_norm=1e9"])  # no clipping; the norm is logged
+        recipe.main(cfg)
+        runs[name] = read_metrics(tmp_path / name / "out")
+    assert [m["step"] for m in runs["1x4"]] == [1, 2, 3]
+    for a, b in zip(runs["1x4"], runs["4x1"]):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)  # steps 2, 3 also check the updated weights
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, base):
+    full = tiny_config("lora", tmp_path / "full", base, ["max_steps=6", "save_every_n_steps=3", "model.lora_dropout=0.1"])
+    recipe.main(full)
+    expected = train_losses(tmp_path / "full" / "out")
+    # a second run that resumes from the first one's step 3 (dropout masks, data order and LR must continue)
+    resumed = tiny_config("lora", tmp_path / "resumed", base,
+                          ["max_steps=6", "save_every_n_steps=3", "model.lora_dropout=0.1",
+                           f"resume_from_checkpoint={tmp_path / 'full' / 'out' / 'step_3'}"])
+    recipe.main(resumed)
+    got = train_losses(tmp_path / "resumed" / "out")
+    assert list(got) == [4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]  # exact, fp32 on CPU
+    final = [load_file(tmp_path / run / "out" / "step_6" / "adapter" / "adapter_model.safetensors")
+             for run in ("full", "resumed")]
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key])
+
+
+class SignalAtStep:
+    """A metric logger for tests that sends a signal to this process (or corrupts a weight) at a step."""
+
+    def __init__(self, step: int, action: str):
+        self.step, self.action = step, action
+        self.model = None
+
+    def log_config(self, config):
+        pass
+
+    def log(self, metrics, step):
+        if step == self.step and "loss" in metrics:
+            if self.action == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def close(self):
+        pass
+
+
+def test_sigterm_saves_a_resumable_checkpoint_then_latest_resumes(tmp_path, base):
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=5", "~validation_dataset", "metric_logger._component_="
+                                               f"{__name__}.SignalAtStep", "+metric_logger.step=2",
+                                               "+metric_logger.action=sigterm", "~metric_logger.log_dir"])
+    recipe.main(cfg)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
+    assert (out / "step_2" / "training_state.pt").is_file()
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=5", "~validation_dataset", "resume_from_checkpoint=latest"])
+    recipe.main(cfg)
+    assert list(train_losses(out)) == [3, 4, 5]
+    assert (out / "step_5").is_dir()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monkeypatch):
+    real_forward_backward = recipe.forward_backward
+    calls = []
+
+    def poisoned(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 3: a weight blows up
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return real_forward_backward(model, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "forward_backward", poisoned)
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=5", "save_every_n_steps=2", "~validation_dataset"])
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3: training stopped .* last good checkpoint is .*step_2"):
+        recipe.main(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_2"]
+
+
+def test_out_of_memory_names_the_memory_settings(tmp_path, base, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(recipe, "forward_backward", out_of_memory)
+    cfg = tiny_config("lora", tmp_path, base, ["~validation_dataset"])
+    with pytest.raises(MemoryError, match=r"out of GPU memory at step 1 \(batch_size=4.*enable_activation_checkpointing"):
+        recipe.main(cfg)
+
+
+def test_dora_runs_and_peft_loads_it(tmp_path, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=2", "+model.use_dora=true", "~validation_dataset"])
+    recipe.main(cfg)
+    step = tmp_path / "out" / "step_2"
+    tokens = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(step)(tokens).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step / "adapter")
+        torch.testing.assert_close(peft_model(tokens).logits, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_runs_on_cpu_in_bf16(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    base = make_base(root, TINY_NF4)
+    cfg = tiny_config("lora", root, base, ["max_steps=2", "+model.quantize_base=true", "dtype=bf16",
+                                           "~validation_dataset", "enable_activation_checkpointing=true"])
+    recipe.main(cfg)
+    losses = train_losses(root / "out")
+    assert list(losses) == [1, 2] and all(loss == loss for loss in losses.values())
+    merged = load_file(root / "out" / "step_2" / "model.safetensors")
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # plain weights, not NF4
