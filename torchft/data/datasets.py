@@ -80,7 +80,7 @@ def _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, toke
     stats = {"rows": len(rows), "truncated": 0, "dropped_too_long": 0, "dropped_nothing_to_train": 0}
     store = TokenStore(cache_dir, with_labels=with_labels)
 
-    def finish_batch(start, result):
+    def finish_batch(result):
         tokens_batch, labels_batch = result
         keep_tokens, keep_labels = [], []
         for offset, tokens in enumerate(tokens_batch):
@@ -104,13 +104,12 @@ def _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, toke
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for start in range(0, len(rows), _BATCH_ROWS):
-            batch = rows[start : start + _BATCH_ROWS]
-            future = pool.submit(tokenize_batch, batch, start)
+            future = pool.submit(tokenize_batch, rows[start : start + _BATCH_ROWS], start)
             if pending is not None:
-                finish_batch(pending[0], pending[1].result())
-            pending = (start, future)
+                finish_batch(pending.result())
+            pending = future
         if pending is not None:
-            finish_batch(pending[0], pending[1].result())
+            finish_batch(pending.result())
     store.finish()
 
     name = _source_name(source)
