@@ -1,0 +1,104 @@
+"""End-to-end runs of recipes/full_finetune_single_device.py on tiny models (CPU), and bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torchft._recipes import full_finetune_single_device as recipe
+from torchft.checkpoint import load_hf_checkpoint
+from torchft.models import from_hf_config
+
+from ._finetune import TINY, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("full_base"))
+
+
+def test_loss_decreases_and_output_loads_in_transformers(tmp_path, base):
+    from transformers import AutoModelForCausalLM
+
+    recipe.main(tiny_config("full", tmp_path, base, ["max_steps=6", "eval_every_n_steps=6"]))
+    val = val_losses(tmp_path / "out")
+    assert val[6] < 0.8 * val[0]
+    step = tmp_path / "out" / "step_6"
+    ours = from_hf_config(step)
+    ours.load_state_dict(load_hf_checkpoint(step))
+    tokens = torch.randint(0, 1024, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(step).eval()(tokens).logits
+        torch.testing.assert_close(ours(tokens), theirs, rtol=1e-4, atol=1e-4)
+        before = AutoModelForCausalLM.from_pretrained(base).eval()(tokens).logits
+    assert not torch.allclose(before, theirs, atol=1e-3)
+
+
+def test_gradient_accumulation_4x1_equals_1x4(tmp_path, base):
+    runs = {}
+    for name, bs, accum in (("1x4", 4, 1), ("4x1", 1, 4)):
+        cfg = tiny_config("full", tmp_path / name, base, [f"batch_size={bs}", f"gradient_accumulation_steps={accum}",
+                                                          "max_steps=3", "~validation_dataset", "clip_grad_norm=1e9"])
+        recipe.main(cfg)
+        runs[name] = read_metrics(tmp_path / name / "out")
+    for a, b in zip(runs["1x4"], runs["4x1"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_optimizer_in_backward_resume_is_exact(tmp_path, base):
+    common = ["max_steps=4", "save_every_n_steps=2", "optimizer_in_backward=true", "clip_grad_norm=null",
+              "~validation_dataset"]
+    recipe.main(tiny_config("full", tmp_path / "a", base, common))
+    recipe.main(tiny_config("full", tmp_path / "b", base,
+                            common + [f"resume_from_checkpoint={tmp_path / 'a' / 'out' / 'step_2'}"]))
+    expected, got = train_losses(tmp_path / "a" / "out"), train_losses(tmp_path / "b" / "out")
+    assert list(got) == [3, 4] and [got[3], got[4]] == [expected[3], expected[4]]
+    final = [load_hf_checkpoint(tmp_path / run / "out" / "step_4") for run in ("a", "b")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_optimizer_in_backward_refuses_accumulation(tmp_path, base):
+    cfg = tiny_config("full", tmp_path, base, ["optimizer_in_backward=true", "gradient_accumulation_steps=2"])
+    with pytest.raises(ValueError, match="optimizer_in_backward=true needs gradient_accumulation_steps=1"):
+        recipe.main(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_batch_size_zero(tmp_path, base):
+    with pytest.raises(ValueError, match=r"batch_size \(0\) must be a positive integer"):
+        recipe.main(tiny_config("full", tmp_path, base, ["batch_size=0"]))
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path, base):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = tiny_config("full", tmp_path, base, [f"output_dir={blocker / 'out'}"])
+    with pytest.raises(PermissionError, match=r"output_dir \(.*a_file/out\) is not writable"):
+        recipe.main(cfg)
+
+
+def test_checkpoint_of_another_architecture(tmp_path, base):
+    other = make_base(tmp_path / "other", TINY_NF4)
+    cfg = tiny_config("full", tmp_path, base, [f"model.path_or_dict={other}"])
+    with pytest.raises(ValueError, match=r"checkpoint_dir \(.*\) holds another architecture than the config's model "
+                                         r"\(model vs checkpoint: num_kv_heads 4 vs 2, embed_dim 128 vs 64"):
+        recipe.main(cfg)
+
+
+def test_tokenizer_vocab_larger_than_the_model(tmp_path):
+    small_vocab = make_base(tmp_path / "small", dict(TINY, vocab_size=512))
+    cfg = tiny_config("full", tmp_path, small_vocab)
+    with pytest.raises(ValueError, match=r"vocabulary of 1024 tokens, larger than the model's vocab_size \(512\)"):
+        recipe.main(cfg)
+
+
+def test_config_key_typo_is_one_line_with_a_suggestion(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
+         "quickstart/full_single_device", f"output_dir={tmp_path}", "max_step=3"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "max_step" in lines[0] and "max_steps" in lines[0]
+    assert not list(tmp_path.glob("step_*"))
