@@ -160,6 +160,37 @@ def test_hf_route_reads_chat_template_jinja_and_reports_a_missing_template(tmp_p
     assert hf_tokenizer(str(tmp_path)).tokenize_messages(CHAT) == llama3_tok.tokenize_messages(CHAT)
 
 
+# Like Llama 3.1's template: a system block is always written, the system message's text goes inside it.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: 26 Jul 2024\n\n"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim }}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}<|eot_id|>"
+    "{% for message in loop_messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+)
+
+
+def test_hf_route_with_a_template_that_writes_a_default_system_block(tmp_path, llama3_ranks_path, llama3_tok):
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(vocab_file=llama3_ranks_path, extra_special_tokens=SPECIAL_TOKENS).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": DEFAULT_SYSTEM_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    hf = hf_tokenizer(str(tmp_path))
+    for chat in (CHAT, CHAT[1:]):
+        tokens, mask = hf.tokenize_messages(chat)
+        reference = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in chat], tokenize=True)
+        assert tokens == (reference if isinstance(reference, list) else reference["input_ids"])
+        trained = [t for t, m in zip(tokens, mask) if not m]
+        assert hf.decode(trained, skip_special_tokens=False) == (
+            "<|start_header_id|>assistant<|end_header_id|>\n\nBonjour! The capital of France is Paris!<|eot_id|>")
+
+
 def test_hf_route_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         hf_tokenizer(str(tmp_path))

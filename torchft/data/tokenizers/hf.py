@@ -113,7 +113,9 @@ class HFTokenizer(BaseTokenizer):
 
     def _tokenize_messages(self, messages, add_eos, add_generation_prompt):
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
-        # Character span of each message: the growth of the rendered text when it is added.
+        # Character span of each message: where the rendered text grows when it is added. Templates
+        # that write a default block (a system header with a date) diverge from the shorter render
+        # inside that block; the common prefix is then where the message starts.
         bounds = []
         for i in range(len(messages) + 1):
             try:
@@ -122,9 +124,8 @@ class HFTokenizer(BaseTokenizer):
                 if i:
                     raise
                 prefix = ""
-            if not text.startswith(prefix):
-                raise ValueError(f"{self.path}: the chat template is not prefix-stable, per-message masks are undefined")
-            bounds.append(len(prefix))
+            start = len(os.path.commonprefix([prefix, text]))
+            bounds.append(max(start, bounds[-1]) if bounds else start)
         if not add_eos and not add_generation_prompt:
             # Leave the last message open: cut what the template writes after its content.
             content = messages[-1].content.strip()
