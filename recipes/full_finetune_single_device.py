@@ -47,6 +47,8 @@ def main(cfg: DictConfig) -> None:
                          "(each weight is updated before the other gradients exist)")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.get("cpu_threads"):  # intra-op threads of CPU runs (a tiny model is fastest on one)
+        torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
     log_and_save_config(cfg, output_dir)
 
@@ -108,7 +110,9 @@ def main(cfg: DictConfig) -> None:
         print(format_samples("samples before fine-tuning:",
                              prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
     if val_loader is not None and step == 0:
-        metric_logger.log({"val_loss": validation_loss(model, val_loader, loss_fn, device)}, step=0)
+        val = validation_loss(model, val_loader, loss_fn, device)
+        metric_logger.log({"val_loss": val}, step=0)
+        print(f"step 0: validation loss {val:.4f}")
 
     # ------------------------------------------------------------------ loop
     batches = endless(loader)  # epoch after epoch, from the restored position when resuming

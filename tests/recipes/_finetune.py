@@ -56,3 +56,12 @@ def train_losses(output_dir: Path) -> dict[int, float]:
 
 def val_losses(output_dir: Path) -> dict[int, float]:
     return {m["step"]: m["val_loss"] for m in read_metrics(output_dir) if "val_loss" in m}
+
+
+def restore_torch_threads():
+    """Generator for an autouse fixture: the quickstart configs set one intra-op thread; put it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,10 @@ from torchft._recipes import full_finetune_single_device as recipe
 from torchft.checkpoint import load_hf_checkpoint
 from torchft.models import from_hf_config
 
-from ._finetune import TINY, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+from ._finetune import restore_torch_threads, TINY, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+
+
+_threads = pytest.fixture(autouse=True)(restore_torch_threads)
 
 
 @pytest.fixture(scope="module")

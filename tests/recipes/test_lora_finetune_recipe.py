@@ -10,7 +10,10 @@ from safetensors.torch import load_file
 from torchft._recipes import lora_finetune_single_device as recipe
 from torchft.training.steps import NonFiniteLossError
 
-from ._finetune import TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+from ._finetune import restore_torch_threads, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+
+
+_threads = pytest.fixture(autouse=True)(restore_torch_threads)
 
 
 @pytest.fixture(scope="module")
