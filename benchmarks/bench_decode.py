@@ -91,7 +91,8 @@ def main() -> None:
     outputs, rows = {}, []
     with torch.no_grad():
         for name, run in runs.items():
-            outputs[name] = run(n)  # warm-up (and compilation)
+            outputs[name] = run(n)  # warm-up (and compilation), twice: the first compiled calls are slower
+            run(n)
             run(1)
             speeds = []
             for _ in range(args.repeats):
