@@ -30,5 +30,5 @@ def generate_samples(model: nn.Module, tokenizer, prompts: Sequence[str], max_ne
 def format_samples(title: str, prompts: Sequence[str], completions: Sequence[str]) -> str:
     lines = [title]
     for prompt, completion in zip(prompts, completions):
-        lines.append(f"  {prompt.replace(chr(10), ' / ')!r} -> {completion!r}")
+        lines.append(f"  {' '.join(prompt.split())!r} -> {completion!r}")
     return "\n".join(lines)

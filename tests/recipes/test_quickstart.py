@@ -1,0 +1,48 @@
+"""The quickstart, exactly as shipped (only its folders moved under tmp): the README's main command."""
+import json
+
+import pytest
+import torch
+
+from torchft._recipes import full_finetune_single_device, lora_finetune_single_device
+from torchft.config import load_config
+
+from ._finetune import restore_torch_threads, val_losses
+
+_threads = pytest.fixture(autouse=True)(restore_torch_threads)
+
+
+def _run(recipe, name, tmp_path, capsys):
+    cfg = load_config(f"quickstart/{name}", [f"output_dir={tmp_path / 'out'}", f"base_model.path={tmp_path / 'base'}",
+                                             "progress_bar=false"])
+    recipe.main(cfg)
+    return capsys.readouterr().out
+
+
+def test_lora_quickstart_halves_the_validation_loss_and_loads_in_peft(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = _run(lora_finetune_single_device, "lora_single_device", tmp_path, capsys)
+    assert "samples before fine-tuning:" in out and "samples after fine-tuning:" in out
+    val = val_losses(tmp_path / "out")
+    final_step = max(val)
+    assert val[final_step] <= 0.5 * val[0]
+    step = tmp_path / "out" / f"step_{final_step}"
+    adapter_config = json.loads((step / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    tokens = torch.tensor([[1, 5, 9, 300, 42, 7]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(step)(tokens).logits
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                 step / "adapter")(tokens).logits
+    torch.testing.assert_close(with_adapter, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_full_quickstart_halves_the_validation_loss(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    _run(full_finetune_single_device, "full_single_device", tmp_path, capsys)
+    val = val_losses(tmp_path / "out")
+    assert val[max(val)] <= 0.5 * val[0]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"step_{max(val)}")
