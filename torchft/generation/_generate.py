@@ -34,8 +34,8 @@ class GenerationOutput:
 
     @property
     def tokens_per_second(self) -> float:
-        """Decode throughput over all rows, the prefill excluded (the first new token comes from it)."""
-        decoded = max(self.new_tokens - 1, 0) * len(self.tokens)
+        """Decode throughput over all rows, the prefill excluded (each row's first new token comes from it)."""
+        decoded = sum(max(len(row) - 1, 0) for row in self.tokens)
         return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
