@@ -82,6 +82,21 @@ def test_int4_weight_only_on_cpu_names_the_device_it_needs(checkpoint, tmp_path)
         main(cfg)
 
 
+def test_int4_weight_only_on_cpu_is_one_line_on_the_cli(checkpoint, tmp_path):
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "quantize", "--config", "quantization",
+         *_overrides(checkpoint, tmp_path / "q", "int4_weight_only")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "tune: error: quantization scheme 'int4_weight_only' needs a CUDA device"), proc.stderr
+    assert not (tmp_path / "q").exists()
+
+
 def test_unknown_scheme_lists_the_choices():
     from torchft.generation import check_scheme
 
