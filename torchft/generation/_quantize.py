@@ -55,7 +55,9 @@ def _torchao_config(scheme: str, group_size: int):
     if scheme == "int8_dynamic_activation_int4_weight":
         return tq.Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
     # int4 weight-only: the tinygemm kernel (CUDA) wants bf16 activations and its own packed layout.
-    return tq.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
+
+    return tq.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
 
 
 def check_scheme(scheme: str, device: torch.device | str) -> None:
