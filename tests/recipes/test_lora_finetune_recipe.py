@@ -170,3 +170,22 @@ def test_qlora_runs_on_cpu_in_bf16(tmp_path_factory):
     assert list(losses) == [1, 2] and all(loss == loss for loss in losses.values())
     merged = load_file(root / "out" / "step_2" / "model.safetensors")
     assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # plain weights, not NF4
+
+
+def test_packed_dataset_trains(tmp_path, base):
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=3", "~validation_dataset", "+dataset.packed=true",
+                                               "+dataset.max_seq_len=128"])
+    recipe.main(cfg)
+    losses = train_losses(tmp_path / "out")
+    assert list(losses) == [1, 2, 3] and losses[3] < losses[1]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compile_checkpointing_offloading(tmp_path, base):
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=3", "device=cuda", "dtype=bf16", "compile=true",
+                                               "enable_activation_checkpointing=true",
+                                               "enable_activation_offloading=true", "loss.num_chunks=4"])
+    recipe.main(cfg)
+    metrics = read_metrics(tmp_path / "out")
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert all(m["peak_memory_alloc_gib"] > 0 for m in metrics if "loss" in m)
