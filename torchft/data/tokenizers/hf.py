@@ -23,7 +23,7 @@ def _token_text(value):
 
 
 def _compile_template(source: str):
-    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
