@@ -189,3 +189,20 @@ def test_cuda_bf16_compile_checkpointing_offloading(tmp_path, base):
     metrics = read_metrics(tmp_path / "out")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert all(m["peak_memory_alloc_gib"] > 0 for m in metrics if "loss" in m)
+
+
+def test_epoch_based_run_and_wandb_offline_logging(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # 32 training rows, batch 4, 2 micro-batches per step: one epoch is 4 optimizer steps
+    cfg = tiny_config("lora", tmp_path, base, [
+        "max_steps=null", "epochs=1", "gradient_accumulation_steps=2", "eval_every_n_steps=4",
+        "metric_logger._component_=torchft.training.metric_logging.WandBLogger", "+metric_logger.mode=offline",
+        "+metric_logger.project=torchft-test", f"metric_logger.log_dir={tmp_path / 'wandb_logs'}"])
+    recipe.main(cfg)
+    (run_dir,) = (tmp_path / "wandb_logs" / "wandb").glob("offline-run-*")
+    lines = [json.loads(line) for line in (run_dir / "files" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]
+    assert [m["step"] for m in lines if "val_loss" in m] == [0, 4]
+    config = json.loads((run_dir / "files" / "config.json").read_text())
+    assert config["epochs"] == 1 and config["output_dir"] == str(tmp_path / "out")
+    assert (tmp_path / "out" / "step_4" / "training_state.pt").is_file()

@@ -61,21 +61,50 @@ def default_dtype(dtype: torch.dtype):
 
 def cast_state_dict(state_dict: Mapping[str, torch.Tensor], device: torch.device,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating-point tensors to ``dtype`` on ``device`` (one tensor at a time, so peak memory stays low)."""
+    """Floating-point tensors to ``dtype`` on ``device``."""
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()}
+
+
+def _piece_of(key: str) -> str:
+    """The submodule a key is loaded through: ``layers.3`` for a layer's weights, else the first name."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def load_in_pieces(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device,
+                   dtype: torch.dtype) -> None:
+    """Assign ``state_dict`` (e.g. memory-mapped on the CPU) into a model built on ``meta``, one piece
+    (the embedding, each decoder layer, the norm, the output) at a time.
+
+    Only one piece is ever converted to ``dtype`` on ``device`` beyond the model itself, so loading an
+    8B model never holds a second copy on the GPU, and QLoRA layers quantize to NF4 as each layer
+    arrives. Keys must have been checked against the model before (missing keys stay on ``meta``).
+    """
+    pieces: dict[str, list[str]] = {}
+    for key in state_dict:
+        pieces.setdefault(_piece_of(key), []).append(key)
+    for piece, keys in pieces.items():
+        module = model.get_submodule(piece)
+        offset = len(piece) + 1
+        module.load_state_dict(cast_state_dict({k[offset:]: state_dict[k] for k in keys}, device, dtype),
+                               strict=False, assign=True)
 
 
 def load_full_model(model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device,
                     dtype: torch.dtype) -> nn.Module:
-    """Load every weight of a model built on ``meta`` (strict: no key missing or unexpected)."""
-    result = model.load_state_dict(cast_state_dict(state_dict, device, dtype), strict=False, assign=True)
+    """Load every weight of a model built on ``meta`` (no key missing or unexpected)."""
+    from torchft.modules.peft import state_dict_keys
+
+    expected = set(state_dict_keys(model))
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {', '.join(result.missing_keys[:5])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
+    if missing:
+        problems.append(f"missing {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:5])}")
     if problems:
         raise ValueError(f"checkpoint does not match the model: {'; '.join(problems)}")
+    load_in_pieces(model, state_dict, device, dtype)
     _check_materialized(model)
     return model
 
@@ -89,9 +118,10 @@ def load_adapter_model(model: nn.Module, base_state_dict: Mapping[str, torch.Ten
     Only the adapter parameters stay trainable.
     """
     from torchft.modules.peft import (get_adapter_params, initialize_adapters, load_adapter_state_dict,
-                                      load_base_state_dict, set_trainable_params)
+                                      set_trainable_params, validate_lora_state_dict)
 
-    load_base_state_dict(model, cast_state_dict(base_state_dict, device, dtype), assign=True)
+    validate_lora_state_dict(model, base_state_dict, kind="base")  # only adapter keys may be missing
+    load_in_pieces(model, base_state_dict, device, dtype)
     if adapter_state_dict is not None:
         load_adapter_state_dict(model, cast_state_dict(adapter_state_dict, device, dtype))
     initialize_adapters(model, device)
