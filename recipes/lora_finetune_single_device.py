@@ -6,7 +6,8 @@
 DoRA is ``model.use_dora=true``; QLoRA is a ``qlora_*`` model builder (NF4 base weights). The base
 model stays frozen; only the adapters train. Every save writes ``<output_dir>/step_<N>/``: the merged
 model as an HF folder, the PEFT adapter in ``step_<N>/adapter/`` (``adapter_model.safetensors`` +
-``adapter_config.json``) and ``training_state.pt`` for ``resume_from_checkpoint``. The file reads top to bottom: setup, loop, save.
+``adapter_config.json``) and ``training_state.pt`` for ``resume_from_checkpoint``. The file reads
+top to bottom: setup, loop, save.
 """
 import logging
 
@@ -25,7 +26,8 @@ from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.samples import format_samples, generate_samples
 from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
-                                    check_tokenizer_fits, default_dtype, load_adapter_model, model_args_summary)
+                                    check_tokenizer_fits, default_dtype, load_adapter_model, model_args_summary,
+                                    warn_if_earlier_run)
 from torchft.training.signals import StopRequested
 from torchft.training.state import restore_training_state, training_state
 from torchft.training.steps import (check_finite, endless, forward_backward, next_micro_batches,
@@ -56,6 +58,7 @@ def main(cfg: DictConfig) -> None:
     adapter_base = checkpointer.base_model_name_or_path or str(checkpointer.checkpoint_dir.resolve())
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
+    warn_if_earlier_run(output_dir, resuming=resumed is not None, log=log)
 
     with torch.device("meta"), default_dtype(dtype):
         model = instantiate(cfg.model)  # a lora_* / qlora_* builder: LoRA layers where the config asks
@@ -127,14 +130,16 @@ def main(cfg: DictConfig) -> None:
                 loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params,
                                                     cfg.get("enable_activation_offloading", False))
             except torch.OutOfMemoryError as err:
-                raise MemoryError(out_of_memory_message(step, cfg.batch_size, micro_batches[0]["tokens"].shape[1])) from err
+                seq_len = micro_batches[0]["tokens"].shape[1]
+                raise MemoryError(out_of_memory_message(step, cfg.batch_size, seq_len)) from err
             check_finite(loss, step, last_save)  # before the update: a NaN never reaches the weights
             grad_norm = clip_grad_norm(trainable, cfg.get("clip_grad_norm"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             seconds = timer.stop()
-            flops_per_tok = model_flops_per_token(model.args, micro_batches[0]["tokens"].shape[1], full_finetune=False)
+            seq_len = micro_batches[0]["tokens"].shape[1]
+            flops_per_tok = model_flops_per_token(model.args, seq_len, full_finetune=False)
 
             metrics = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -143,8 +148,8 @@ def main(cfg: DictConfig) -> None:
                             metrics.get("peak_memory_alloc_gib", metrics.get("peak_rss_gib")))
             if step % cfg.get("log_every_n_steps", 1) == 0:
                 metric_logger.log(metrics, step=step)
-            if val_loader is not None and cfg.get("eval_every_n_steps") and (
-                    step % cfg.eval_every_n_steps == 0 or step == total_steps):
+            every = cfg.get("eval_every_n_steps")
+            if val_loader is not None and (step == total_steps or (every and step % every == 0)):
                 val = validation_loss(model, val_loader, loss_fn, device)
                 metric_logger.log({"val_loss": val}, step=step)
                 progress.write(f"step {step}: validation loss {val:.4f}")

@@ -44,7 +44,8 @@ def tiny_base_model(
     config = args.to_hf_config(torch.float32)
     folder = Path(path)
     config_file = folder / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) == config and (folder / "model.safetensors").is_file():
+    complete = config_file.is_file() and (folder / "model.safetensors").is_file()
+    if complete and json.loads(config_file.read_text()) == config:
         return folder  # already created by an earlier run
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not the quickstart base model: choose an empty folder")

@@ -141,3 +141,14 @@ def model_args_summary(args) -> str:
     fields = dataclasses.asdict(args)
     return ", ".join(f"{k} {fields[k]}" for k in ("num_layers", "embed_dim", "num_heads", "num_kv_heads",
                                                   "intermediate_dim", "vocab_size"))
+
+
+def warn_if_earlier_run(output_dir, resuming: bool, log) -> None:
+    """A fresh run into an ``output_dir`` that holds step folders replaces them (and ``keep_last_n``
+    prunes them): say so, and how to continue the earlier run instead."""
+    from torchft.checkpoint import latest_step_dir
+
+    latest = latest_step_dir(output_dir)
+    if latest is not None and not resuming:
+        log.warning("output_dir already holds %s from an earlier run: this fresh run will replace its step folders "
+                    "(continue it instead with resume_from_checkpoint=latest)", latest.name)
