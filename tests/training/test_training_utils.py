@@ -91,3 +91,20 @@ def test_activation_offloading_needs_cuda():
         pass
     with pytest.raises(ValueError, match="enable_activation_offloading needs device=cuda"):
         activation_offloading(True, "cpu")
+
+
+def test_quickstart_base_model_is_deterministic_and_guards_other_folders(tmp_path):
+    from safetensors.torch import load_file
+
+    from torchft.training.quickstart import tiny_base_model
+
+    dims = dict(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, intermediate_dim=64)
+    a = load_file(tiny_base_model(str(tmp_path / "a"), **dims) / "model.safetensors")
+    b_dir = tiny_base_model(str(tmp_path / "b"), **dims)
+    assert all(torch.equal(a[k], v) for k, v in load_file(b_dir / "model.safetensors").items())
+    (b_dir / "tokenizer.model").unlink()  # an interrupted first run: written again
+    assert (tiny_base_model(str(b_dir), **dims) / "tokenizer.model").is_file()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not the quickstart base model"):
+        tiny_base_model(str(tmp_path / "c"), **dims)

@@ -44,10 +44,10 @@ def tiny_base_model(
     config = args.to_hf_config(torch.float32)
     folder = Path(path)
     config_file = folder / "config.json"
-    complete = config_file.is_file() and (folder / "model.safetensors").is_file()
-    if complete and json.loads(config_file.read_text()) == config:
+    ours = config_file.is_file() and json.loads(config_file.read_text()) == config
+    if ours and all((folder / name).is_file() for name in ("model.safetensors", "tokenizer.model")):
         return folder  # already created by an earlier run
-    if folder.exists() and any(folder.iterdir()):
+    if not ours and folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} exists and is not the quickstart base model: choose an empty folder")
 
     generator = torch.Generator().manual_seed(seed)
