@@ -12,37 +12,43 @@ from ._finetune import restore_torch_threads, val_losses
 _threads = pytest.fixture(autouse=True)(restore_torch_threads)
 
 
-def _run(recipe, name, tmp_path, capsys):
-    cfg = load_config(f"quickstart/{name}", [f"output_dir={tmp_path / 'out'}", f"base_model.path={tmp_path / 'base'}",
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """Both quickstarts share one base folder, as they do in /tmp: the second run reuses the first's base."""
+    return tmp_path_factory.mktemp("quickstart") / "base"
+
+
+def _run(recipe, name, tmp_path, base_dir, capsys):
+    cfg = load_config(f"quickstart/{name}", [f"output_dir={tmp_path / 'out'}", f"base_model.path={base_dir}",
                                              "progress_bar=false"])
     recipe.main(cfg)
     return capsys.readouterr().out
 
 
-def test_lora_quickstart_halves_the_validation_loss_and_loads_in_peft(tmp_path, capsys):
+def test_lora_quickstart_halves_the_validation_loss_and_loads_in_peft(tmp_path, base_dir, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = _run(lora_finetune_single_device, "lora_single_device", tmp_path, capsys)
+    out = _run(lora_finetune_single_device, "lora_single_device", tmp_path, base_dir, capsys)
     assert "samples before fine-tuning:" in out and "samples after fine-tuning:" in out
     val = val_losses(tmp_path / "out")
     final_step = max(val)
     assert val[final_step] <= 0.5 * val[0]
     step = tmp_path / "out" / f"step_{final_step}"
     adapter_config = json.loads((step / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert adapter_config["base_model_name_or_path"] == str(base_dir.resolve())
     tokens = torch.tensor([[1, 5, 9, 300, 42, 7]])
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(step)(tokens).logits
-        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                                  step / "adapter")(tokens).logits
     torch.testing.assert_close(with_adapter, merged, rtol=1e-4, atol=1e-4)
 
 
-def test_full_quickstart_halves_the_validation_loss(tmp_path, capsys):
+def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):
     from transformers import AutoModelForCausalLM
 
-    _run(full_finetune_single_device, "full_single_device", tmp_path, capsys)
+    _run(full_finetune_single_device, "full_single_device", tmp_path, base_dir, capsys)
     val = val_losses(tmp_path / "out")
     assert val[max(val)] <= 0.5 * val[0]
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"step_{max(val)}")

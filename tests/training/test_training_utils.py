@@ -106,5 +106,5 @@ def test_quickstart_base_model_is_deterministic_and_guards_other_folders(tmp_pat
     assert (tiny_base_model(str(b_dir), **dims) / "tokenizer.model").is_file()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="is not the quickstart base model"):
+    with pytest.raises(FileExistsError, match="is not a quickstart base model"):
         tiny_base_model(str(tmp_path / "c"), **dims)
