@@ -131,12 +131,12 @@ def main(cfg: DictConfig) -> None:
             try:
                 loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params,
                                                     cfg.get("enable_activation_offloading", False))
+                check_finite(loss, step, last_save)  # before the update: a NaN never reaches the weights
+                grad_norm = clip_grad_norm(trainable, cfg.get("clip_grad_norm"))
+                optimizer.step()  # the first step also allocates the optimizer state
             except torch.OutOfMemoryError as err:
                 seq_len = micro_batches[0]["tokens"].shape[1]
                 raise MemoryError(out_of_memory_message(step, cfg.batch_size, seq_len)) from err
-            check_finite(loss, step, last_save)  # before the update: a NaN never reaches the weights
-            grad_norm = clip_grad_norm(trainable, cfg.get("clip_grad_norm"))
-            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             seconds = timer.stop()
