@@ -160,9 +160,11 @@ def main(cfg: DictConfig) -> None:
                 progress.write(f"step {step}: saved {last_save}")
     progress.close()
     if stop.requested:
+        metric_logger.close()
         log.warning("%s received: saved %s; continue with resume_from_checkpoint=%s", stop.requested, last_save,
                     last_save)
-    if prompts and not stop.requested:
+        raise SystemExit(stop.exit_code)
+    if prompts:
         print(format_samples("samples after fine-tuning:",
                              prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
     metric_logger.close()

@@ -108,7 +108,9 @@ def test_sigterm_saves_a_resumable_checkpoint_then_latest_resumes(tmp_path, base
     cfg = tiny_config("lora", tmp_path, base, ["max_steps=5", "~validation_dataset", "metric_logger._component_="
                                                f"{__name__}.SignalAtStep", "+metric_logger.step=2",
                                                "+metric_logger.action=sigterm", "~metric_logger.log_dir"])
-    recipe.main(cfg)
+    with pytest.raises(SystemExit) as stopped:
+        recipe.main(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM  # as a shell reports a process ended by SIGTERM
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
     assert (out / "step_2" / "training_state.pt").is_file()
@@ -206,3 +208,31 @@ def test_epoch_based_run_and_wandb_offline_logging(tmp_path, base, monkeypatch):
     config = json.loads((run_dir / "files" / "config.json").read_text())
     assert config["epochs"] == 1 and config["output_dir"] == str(tmp_path / "out")
     assert (tmp_path / "out" / "step_4" / "training_state.pt").is_file()
+
+
+def test_ctrl_c_through_tune_run_saves_then_exits_130(tmp_path, base):
+    import subprocess
+    import sys
+    import time
+
+    from ._finetune import make_data
+
+    train, _ = make_data(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchft.cli.main", "run", "lora_finetune_single_device", "--config",
+         "quickstart/lora_single_device", "~base_model", f"checkpointer.checkpoint_dir={base}", f"output_dir={out}",
+         "dataset._component_=torchft.data.datasets.instruct_dataset", "+dataset.source=json",
+         f"+dataset.data_files={train}", "~validation_dataset", "max_steps=100000", "save_every_n_steps=100000",
+         "progress_bar=false", "sample_prompts=null"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    (saved,) = out.glob("step_*")
+    assert (saved / "training_state.pt").is_file() and (saved / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"continue with resume_from_checkpoint={saved}" in stderr

@@ -43,7 +43,7 @@ def test_sigterm_requests_a_stop():
     with StopRequested() as stop:
         assert stop.requested is None
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested == "SIGTERM"
+        assert stop.requested == "SIGTERM" and stop.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
 
 
