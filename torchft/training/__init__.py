@@ -2,14 +2,20 @@
 
 Modules (imported on demand, so ``import torchft.training`` stays cheap):
 
-- ``precision``: dtype selection (bf16 / fp32) with a clear error where bf16 is unsupported.
+- ``setup``: checks made before training (output folder, sizes, architecture, tokenizer) and loading
+  weights into a model built on ``meta``, one layer at a time.
+- ``precision``: device and dtype selection (bf16 / fp32) with clear errors.
 - ``optim``: AdamW (fused on CUDA), optimizer-in-backward, gradient clipping.
-- ``lr_schedule``: cosine / linear with warm-up / constant schedules that save and restore.
+- ``lr_schedule``: cosine / linear / constant schedules with warm-up that save and restore.
 - ``activations``: activation checkpointing and activation offloading applied to a built model.
 - ``compile``: per-layer ``torch.compile``.
+- ``steps``: the train step (token-weighted gradient accumulation), the validation loss, NaN and
+  out-of-memory messages, run length from ``max_steps`` / ``epochs``.
+- ``state`` and ``checkpointing``: the resumable training state and the weights of a step folder.
+- ``rng``: capture / restore of the python, numpy, torch and CUDA random states.
+- ``signals``: SIGINT / SIGTERM turned into "save, then stop".
 - ``metric_logging``: stdout, JSONL, TensorBoard and Weights & Biases loggers.
-- ``throughput``: tokens/s, peak memory and the MFU estimate.
-- ``rng``: capture / restore of the python, torch and CUDA random states.
-- ``signals``: SIGINT / SIGTERM turned into a "stop after this step" flag.
-- ``steps``: the train step (token-weighted gradient accumulation) and the validation loss.
+- ``throughput``: tokens/s, peak memory, the MFU estimate and the progress bar.
+- ``samples``: greedy sample generations before / after fine-tuning.
+- ``quickstart``: the quickstart's tiny base model, made deterministically on disk.
 """
