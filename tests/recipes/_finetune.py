@@ -35,10 +35,8 @@ def tiny_config(recipe: str, root: Path, base: Path, overrides=()):
         "~base_model",
         f"output_dir={root / 'out'}",
         f"checkpointer.checkpoint_dir={base}",
-        "dataset._component_=torchft.data.datasets.instruct_dataset", "+dataset.source=json",
-        f"+dataset.data_files={train}",
-        "validation_dataset._component_=torchft.data.datasets.instruct_dataset", "+validation_dataset.source=json",
-        f"+validation_dataset.data_files={val}", "validation_dataset.split=train",
+        "dataset.source=json", f"dataset.data_files={train}",  # the contract's way to a local file
+        "validation_dataset.source=json", f"validation_dataset.data_files={val}",
         "batch_size=4", "max_steps=4", "eval_every_n_steps=2", "save_every_n_steps=100",
         "progress_bar=false", "sample_prompts=null", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
         *overrides,

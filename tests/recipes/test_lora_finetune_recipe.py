@@ -222,8 +222,7 @@ def test_ctrl_c_through_tune_run_saves_then_exits_130(tmp_path, base):
     proc = subprocess.Popen(
         [sys.executable, "-m", "torchft.cli.main", "run", "lora_finetune_single_device", "--config",
          "quickstart/lora_single_device", "~base_model", f"checkpointer.checkpoint_dir={base}", f"output_dir={out}",
-         "dataset._component_=torchft.data.datasets.instruct_dataset", "+dataset.source=json",
-         f"+dataset.data_files={train}", "~validation_dataset", "max_steps=100000", "save_every_n_steps=100000",
+         "dataset.source=json", f"dataset.data_files={train}", "~validation_dataset", "max_steps=100000", "save_every_n_steps=100000",
          "progress_bar=false", "sample_prompts=null"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "logs" / "metrics.jsonl"

@@ -138,3 +138,18 @@ def tiny_base_model(
     shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
     marker.write_text(json.dumps(recipe, indent=2) + "\n")  # last: its presence means complete
     return folder
+
+
+def quickstart_dataset(tokenizer, split: str = "train", source: str = "json", data_files=None, **kwargs):
+    """The quickstart's data: the instruction tasks shipped in ``torchft/data/assets`` (``split``:
+    ``train`` or ``validation``), or, when ``data_files`` is given, your own instruct file read whole
+    (``source``: ``json`` for JSON/JSONL, ``parquet``, ...; columns instruction / input / output).
+
+    Other ``kwargs`` go to :func:`torchft.data.datasets.instruct_dataset`.
+    """
+    from torchft.data._assets import quickstart_dataset as shipped
+    from torchft.data.datasets import instruct_dataset
+
+    if data_files is None:
+        return shipped(tokenizer, split=split, **kwargs)
+    return instruct_dataset(tokenizer, source=source, data_files=data_files, split="train", **kwargs)
