@@ -1,42 +1,25 @@
 """Tiny random transformers Llama models (fp32, CPU) saved in the HF and Meta layouts for checkpoint tests."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
-# Each variant changes what a conversion could get wrong: RoPE base, GQA, scaled RoPE, tying, head_dim.
-VARIANTS = {
-    "llama2": dict(num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama3": dict(num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama3_1": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
-                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "llama3_2": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
-                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "odd_head_dim": dict(num_key_value_heads=2, head_dim=24, rope_theta=10000.0, tie_word_embeddings=False),
-}
+from tests.models._hf_reference import VARIANTS as _REFERENCE_VARIANTS, tiny_hf_llama
+
+# Each variant changes what a conversion could get wrong: RoPE base, GQA, scaled RoPE, tying, head_dim,
+# biases. Meta's format has no biases, so its tests take the others.
+VARIANTS = _REFERENCE_VARIANTS
+META_VARIANTS = {name: v for name, v in VARIANTS.items() if name != "biases"}
 VOCAB = 96
 SEQ = 40
 
 
 def tiny_hf_model(variant: str = "llama3", seed: int = 0):
     """A random fp32 ``LlamaForCausalLM``: dim 64, 2 layers, 4 heads (random norms too)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                         **copy.deepcopy(VARIANTS[variant]))  # transformers edits the dicts it gets
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return tiny_hf_llama(variant, seed, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1,
+                         eos_token_id=2)
 
 
 def write_support_files(folder: Path) -> None:

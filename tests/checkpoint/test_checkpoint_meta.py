@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from tests.checkpoint._tiny import (
-    VARIANTS, assert_logits_close, hf_rows_to_meta_rows, logits, save_meta_folder, tiny_hf_model, tokens,
+    META_VARIANTS, VARIANTS, assert_logits_close, hf_rows_to_meta_rows, logits, save_meta_folder, tiny_hf_model, tokens,
 )
 from torchft.checkpoint import MetaCheckpointer, load_meta_args, load_meta_checkpoint, save_meta_checkpoint
 from torchft.checkpoint.meta import hf_config_to_meta_params, interleaved_to_rotate_half, meta_ffn_dim
 from torchft.models import LlamaArgs, build_from_args
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(META_VARIANTS))
 def test_meta_to_torchft_to_meta(variant, tmp_path):
     hf = tiny_hf_model(variant)
     written = save_meta_folder(hf, tmp_path / "in")

@@ -17,20 +17,23 @@ VARIANTS = {
                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     # Biases on every attention and MLP projection (attention_bias / mlp_bias configs).
-    "biases": dict(num_key_value_heads=2, rope_theta=10000.0, attention_bias=True, mlp_bias=True),
+    "biases": dict(num_key_value_heads=2, rope_theta=10000.0, attention_bias=True, mlp_bias=True,
+                   tie_word_embeddings=False),
     # head_dim set explicitly, not hidden_size / heads.
     "odd_head_dim": dict(num_key_value_heads=2, head_dim=24, rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
-def tiny_hf_llama(variant: str, seed: int = 0, vocab_size: int = 128):
-    """A random fp32 ``LlamaForCausalLM``: dim 64, 2 layers, 4 heads."""
+def tiny_hf_llama(variant: str, seed: int = 0, vocab_size: int = 128, **config_overrides):
+    """A random fp32 ``LlamaForCausalLM``: dim 64, 2 layers, 4 heads (``config_overrides`` on top)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=256,
-                         **copy.deepcopy(VARIANTS[variant]))  # LlamaConfig edits rope dicts in place
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    fields.update(copy.deepcopy(VARIANTS[variant]))  # LlamaConfig edits rope dicts in place
+    fields.update(config_overrides)
+    config = LlamaConfig(**fields)
     model = LlamaForCausalLM(config).eval()
     # Random norms too, so a norm-weight mix-up cannot hide behind all-ones.
     with torch.no_grad():
