@@ -19,7 +19,7 @@ from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.modules.loss import output_params
 from torchft.training.activations import apply_activation_checkpointing
-from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict, save_adapter
+from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
 from torchft.training.compile import compile_layers
 from torchft.training.optim import clip_grad_norm
 from torchft.training.precision import resolve_device, resolve_dtype
@@ -54,8 +54,6 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
         instantiate(cfg.base_model)
     checkpointer = instantiate(cfg.checkpointer)
-    # adapter_config.json names its base: the hub id `tune download` recorded, else the input folder
-    adapter_base = checkpointer.base_model_name_or_path or str(checkpointer.checkpoint_dir.resolve())
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
     warn_if_earlier_run(output_dir, resuming=resumed is not None, log=log)
@@ -101,8 +99,8 @@ def main(cfg: DictConfig) -> None:
     def save(step: int) -> str:
         path = checkpointer.save(
             step, cpu_state_dict(model, merge_adapters=True),  # the merged model: a plain HF folder
+            adapter_model=model,  # step_<N>/adapter/: the PEFT adapter alone
             training_state=training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model)))
-        save_adapter(model, path, adapter_base)  # step_<N>/adapter/: the PEFT adapter alone
         return str(path)
 
     prompts = list(cfg.get("sample_prompts") or [])

@@ -146,7 +146,7 @@ def test_killed_save_leaves_only_a_hidden_temporary_folder(hf_dir, tmp_path):
         resolve_resume_dir(True, tmp_path / "out")
 
 
-def test_adapter_is_saved_next_to_the_merged_weights(hf_dir, tmp_path):
+def test_adapter_is_saved_in_its_own_folder_next_to_the_weights(hf_dir, tmp_path):
     pytest.importorskip("torchft.checkpoint.peft")
     base, _ = hf_dir
     ckpt = HFCheckpointer(base, tmp_path / "out")
@@ -154,9 +154,10 @@ def test_adapter_is_saved_next_to_the_merged_weights(hf_dir, tmp_path):
     model.load_state_dict(ckpt.load_model_state_dict(), strict=False)
     base_weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
     path = ckpt.save(4, base_weights, adapter_model=model)
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "acme/tiny-llama" and config["r"] == 4
-    assert (path / "adapter_model.safetensors").is_file() and (path / "model.safetensors").is_file()
+    assert (path / "adapter" / "adapter_model.safetensors").is_file() and (path / "model.safetensors").is_file()
+    assert not (path / "adapter_config.json").exists()  # never beside the merged weights
     with pytest.raises(ValueError, match="layers.0.self_attn.q_proj.lora_a.weight is an adapter weight"):
         ckpt.save(5, model.state_dict())
     assert not (tmp_path / "out" / "step_5").exists()

@@ -38,6 +38,12 @@ TRAINING_STATE_FILE = "training_state.pt"
 REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
 _STEP_DIR = re.compile(r"step_(\d+)")
 
+# Adapter recipes write the PEFT adapter into ``step_<N>/adapter/``, not beside the merged weights:
+# transformers, finding ``adapter_config.json`` next to a ``config.json``, applies the adapter on top of
+# that folder's weights, which would add it twice. So ``from_pretrained("step_<N>")`` is the merged
+# model and ``PeftModel.from_pretrained(base, "step_<N>/adapter")`` the same model as base + adapter.
+ADAPTER_DIR = "adapter"
+
 
 def step_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete ``step_<N>`` folders under ``output_dir`` as ``(N, path)``, by increasing N."""
@@ -157,8 +163,10 @@ class _StepCheckpointer:
             step: the optimizer step (the folder's number).
             model_state_dict: full model weights with torchft keys (merged: no adapter keys), or
                 None for an adapter-only folder.
-            adapter_model: a model with LoRA/DoRA layers; its adapter is written with
-                ``save_peft_adapter(adapter_model, folder, base_model_name_or_path=..., **adapter_kwargs)``.
+            adapter_model: a model with LoRA/DoRA layers; its adapter is written into
+                ``step_<N>/adapter/`` with ``save_peft_adapter(adapter_model, folder,
+                base_model_name_or_path=..., **adapter_kwargs)``; the base is named by the recorded hub
+                repo id, else the input folder's path.
             training_state: opaque dict (optimizer, LR schedule, dataloader, RNG, step...) written
                 to ``training_state.pt``; read back with ``load_training_state(step_dir)``.
 
@@ -173,7 +181,10 @@ class _StepCheckpointer:
             if adapter_model is not None:
                 from torchft.checkpoint.peft import save_peft_adapter
 
-                save_peft_adapter(adapter_model, tmp, base_model_name_or_path=self.base_model_name_or_path,
+                # A sub-folder, not beside config.json: transformers applies an adapter_config.json it
+                # finds next to the weights on top of them, and these weights are already merged.
+                base = self.base_model_name_or_path or str(self.checkpoint_dir.resolve())
+                save_peft_adapter(adapter_model, tmp / ADAPTER_DIR, base_model_name_or_path=base,
                                   **dict(adapter_kwargs or {}))
             if training_state is not None:
                 torch.save(dict(training_state), tmp / TRAINING_STATE_FILE)

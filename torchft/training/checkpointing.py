@@ -53,17 +53,3 @@ def describe_save(path: Path) -> str:
     files = sorted(p.name for p in Path(path).iterdir())
     return f"saved {path} ({', '.join(files)})"
 
-
-# Adapter recipes write the PEFT adapter into ``step_<N>/adapter/``, next to the merged model, not
-# into ``step_<N>/`` itself: transformers, finding ``adapter_config.json`` beside a ``config.json``,
-# applies the adapter on top of that folder's weights, which would add it twice to merged weights.
-# So ``from_pretrained("step_<N>")`` is the merged model and ``PeftModel.from_pretrained(base,
-# "step_<N>/adapter")`` is the same model as base + adapter.
-ADAPTER_SUBDIR = "adapter"
-
-
-def save_adapter(model: nn.Module, step_dir: Path, base_model_name_or_path: str | None) -> Path:
-    """Write the PEFT adapter of ``model`` into ``step_dir/adapter/`` (each file atomically)."""
-    from torchft.checkpoint import save_peft_adapter
-
-    return save_peft_adapter(model, Path(step_dir) / ADAPTER_SUBDIR, base_model_name_or_path=base_model_name_or_path)
