@@ -88,6 +88,9 @@ class ResumableDataLoader:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            # Its own generator: starting an iterator draws a worker seed, and drawing it from the
+            # global RNG would shift dropout masks after a resume (which starts at another step).
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         for batch in loader:
             # Counted when handed out: a state saved while this batch is in use resumes after it.

@@ -43,14 +43,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def next_micro_batches(batches: Iterator[dict], count: int) -> list[dict]:
-    """The next ``count`` micro-batches of one optimizer step.
-
-    Fetching never consumes the global torch RNG (which dropout draws from): starting a
-    ``DataLoader`` iterator draws a seed from it, and a resumed run starts its iterator at another
-    step than the original run did, so without this the dropout masks after a resume would differ.
-    """
-    with torch.random.fork_rng(devices=[]):
-        return [next(batches) for _ in range(count)]
+    """The next ``count`` micro-batches of one optimizer step (the loader draws no global randomness,
+    so dropout masks after a resume are those of the uninterrupted run)."""
+    return [next(batches) for _ in range(count)]
 
 
 def count_target_tokens(micro_batches: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> int:
@@ -95,9 +90,7 @@ def validation_loss(model: nn.Module, batches, loss_fn: ChunkedCrossEntropy, dev
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws from the global RNG
-            batch_list = list(itertools.islice(batches, max_batches))
-        for batch in batch_list:
+        for batch in itertools.islice(batches, max_batches):
             batch = to_device(batch, device)
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             loss_sum, n = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output)
