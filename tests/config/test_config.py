@@ -89,6 +89,15 @@ def test_overrides_set_nested_list_add_remove(config_file):
     assert cfg.dataset.source is None
 
 
+def test_add_under_a_null_node_makes_it_a_mapping(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("max_steps: 3\nvalidation_dataset: null\n")
+    cfg = load_config(path, ["+validation_dataset.source=json", "+validation_dataset.data_files=val.jsonl"])
+    assert dict(cfg.validation_dataset) == {"source": "json", "data_files": "val.jsonl"}
+    with pytest.raises(ConfigError, match=r"cannot add 'max_steps.x': its parent is not a mapping"):
+        load_config(path, ["+max_steps.x=1"])  # a scalar parent stays an error
+
+
 def test_override_swaps_component_and_keeps_arguments(config_file):
     cfg = load_config(config_file, ["model=builtins.dict"])
     assert cfg.model == {"_component_": "builtins.dict", "a": 1, "b": 2}

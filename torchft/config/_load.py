@@ -149,12 +149,16 @@ def _parent_and_key(cfg: DictConfig, dotted: str, *, create_parents: bool) -> tu
     node: Any = cfg
     for part in parts[:-1]:
         try:
-            node = _child(node, part)
+            child = _child(node, part)
         except KeyError:
             if not (create_parents and isinstance(node, DictConfig)):
                 raise
+            child = None
+        if (child is None or child._is_none()) and create_parents and isinstance(node, DictConfig):
+            # Missing, or null in the YAML (`validation_dataset: null`): `+a.b=v` makes `a` a mapping.
             node[part] = {}
-            node = node._get_node(part)
+            child = node._get_node(part)
+        node = child
     return node, parts[-1]
 
 
