@@ -15,11 +15,10 @@ from torch import nn
 
 from torchft.modules.attention import GroupedQueryAttention
 from torchft.modules.feed_forward import FeedForward
+from torchft.modules.peft.lora import LORA_ATTN_MODULES  # noqa: F401  (re-exported by torchft.models)
 from torchft.modules.rms_norm import RMSNorm
 from torchft.modules.rope import SUPPORTED_ROPE_TYPES, RotaryEmbedding
 from torchft.modules.transformer import TransformerDecoder, TransformerDecoderLayer
-
-LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclasses.dataclass
