@@ -25,7 +25,7 @@ examples:
   tune cat quickstart/lora_single_device           print a shipped config
   tune validate my_lora.yaml optimizer.lr=1e-4     check a config (and overrides) without running it
   tune run lora_finetune_single_device --config my_lora.yaml max_steps=100
-  tune run --nproc_per_node 2 lora_finetune_distributed --config llama3_2/1B_lora_distributed
+  tune run --nproc_per_node 2 my_fsdp_recipe.py --config my_config.yaml   (a recipe that supports torchrun)
 
 add --debug (or set TUNE_DEBUG=1) to see the full traceback of an error.
 """

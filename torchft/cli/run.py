@@ -26,7 +26,7 @@ examples:
   tune run lora_finetune_single_device --config llama3_2/1B_lora_single_device \\
       checkpointer.checkpoint_dir=/tmp/Llama-3.2-1B-Instruct max_steps=100 optimizer.lr=1e-4
   tune run my_recipe.py --config my_config.yaml       a local script and config
-  tune run --nproc_per_node 2 lora_finetune_distributed --config llama3_2/1B_lora_distributed
+  tune run --nproc_per_node 2 my_fsdp_recipe.py --config my_config.yaml   a script that supports torchrun
 
 overrides: key=value sets an existing key (nested: optimizer.lr=1e-4; lists: tasks=[a,b]),
 +key=value adds one, ~key removes one, model=<dotted.builder> swaps a component keeping its arguments.
