@@ -20,7 +20,7 @@ from torchft.modules.loss import output_params
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import cpu_state_dict
 from torchft.training.compile import compile_layers
-from torchft.training.optim import OptimizerInBackward, clip_grad_norm
+from torchft.training.optim import OptimizerInBackward
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.samples import format_samples, generate_samples
@@ -29,8 +29,8 @@ from torchft.training.setup import (check_output_dir_writable, check_positive, c
                                     warn_if_earlier_run)
 from torchft.training.signals import StopRequested
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (check_finite, endless, forward_backward, next_micro_batches,
-                                    out_of_memory_message, to_device, total_training_steps, validation_loss)
+from torchft.training.steps import (endless, next_micro_batches, optimizer_step, to_device, total_training_steps,
+                                    validation_loss)
 from torchft.training.throughput import (ProgressBar, StepTimer, model_flops_per_token, reset_peak_memory,
                                          step_metrics)
 
@@ -128,17 +128,10 @@ def main(cfg: DictConfig) -> None:
             step += 1
             reset_peak_memory(device)
             timer.start()
-            try:
-                loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params,
-                                                    cfg.get("enable_activation_offloading", False))
-                check_finite(loss, step, last_save)  # before the update: a NaN never reaches the weights
-                grad_norm = clip_grad_norm(trainable, cfg.get("clip_grad_norm"))
-                optimizer.step()  # the first step also allocates the optimizer state
-            except torch.OutOfMemoryError as err:
-                seq_len = micro_batches[0]["tokens"].shape[1]
-                raise MemoryError(out_of_memory_message(step, cfg.batch_size, seq_len)) from err
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
+            loss, num_tokens, grad_norm = optimizer_step(
+                model, micro_batches, loss_fn, loss_params, optimizer, lr_scheduler, trainable,
+                max_grad_norm=cfg.get("clip_grad_norm"),
+                offload_activations=cfg.get("enable_activation_offloading", False), step=step, last_checkpoint=last_save, batch_size=cfg.batch_size)
             seconds = timer.stop()
             seq_len = micro_batches[0]["tokens"].shape[1]
             flops_per_tok = model_flops_per_token(model.args, seq_len, full_finetune=True)

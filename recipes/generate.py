@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from torchft.config import instantiate, recipe_main

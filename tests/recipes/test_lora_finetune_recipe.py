@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from torchft._recipes import lora_finetune_single_device as recipe
+from torchft.training import steps
 from torchft.training.steps import NonFiniteLossError
 
 from ._finetune import restore_torch_threads, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
@@ -121,7 +122,7 @@ def test_sigterm_saves_a_resumable_checkpoint_then_latest_resumes(tmp_path, base
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monkeypatch):
-    real_forward_backward = recipe.forward_backward
+    real_forward_backward = steps.forward_backward
     calls = []
 
     def poisoned(model, *args, **kwargs):
@@ -131,7 +132,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monke
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
         return real_forward_backward(model, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "forward_backward", poisoned)
+    monkeypatch.setattr(steps, "forward_backward", poisoned)
     cfg = tiny_config("lora", tmp_path, base, ["max_steps=5", "save_every_n_steps=2", "~validation_dataset"])
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3: training stopped .* last good checkpoint is .*step_2"):
         recipe.main(cfg)
@@ -142,7 +143,7 @@ def test_out_of_memory_names_the_memory_settings(tmp_path, base, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(recipe, "forward_backward", out_of_memory)
+    monkeypatch.setattr(steps, "forward_backward", out_of_memory)
     cfg = tiny_config("lora", tmp_path, base, ["~validation_dataset"])
     with pytest.raises(MemoryError, match=r"out of GPU memory at step 1 \(batch_size=4.*enable_activation_checkpointing"):
         recipe.main(cfg)

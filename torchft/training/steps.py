@@ -14,6 +14,7 @@ from torch import nn
 
 from torchft.modules.loss import IGNORE_INDEX, ChunkedCrossEntropy, shift_targets
 from torchft.training.activations import activation_offloading
+from torchft.training.optim import clip_grad_norm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,3 +139,26 @@ def endless(loader) -> Iterator[dict]:
     because the loader continues from its restored position."""
     while True:
         yield from loader
+
+
+def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy,
+                   loss_params, optimizer, lr_scheduler, trainable_params, *, max_grad_norm: float | None,
+                   offload_activations: bool, step: int, last_checkpoint: str | None,
+                   batch_size: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """One optimizer step over ``micro_batches``: token-weighted forward/backward, a finite-loss check
+    before the update (a NaN never reaches the weights), gradient clipping, the update, then the LR
+    schedule. Returns (loss, target tokens, grad norm or None).
+
+    Running out of device memory becomes a ``MemoryError`` naming the settings that lower memory.
+    """
+    try:
+        loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params, offload_activations)
+        check_finite(loss, step, last_checkpoint)
+        grad_norm = clip_grad_norm(trainable_params, max_grad_norm)
+        optimizer.step()  # the first step also allocates the optimizer state
+    except torch.OutOfMemoryError as err:
+        seq_len = micro_batches[0]["tokens"].shape[1]
+        raise MemoryError(out_of_memory_message(step, batch_size, seq_len)) from err
+    optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()
+    return loss, num_tokens, grad_norm
