@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     results = evaluate(
         model, tokenizer, tasks, limit=cfg.get("limit"), num_fewshot=cfg.get("num_fewshot"),
         batch_size=cfg.batch_size, max_seq_len=cfg.get("max_seq_len"), max_gen_toks=cfg.max_gen_toks,
-        log_samples=cfg.log_samples, seed=cfg.seed, task_manager=task_manager,
+        log_samples=cfg.log_samples, seed=cfg.seed, task_manager=task_manager, add_bos=cfg.get("add_bos"),
     )
 
     from lm_eval.utils import handle_non_serializable, make_table

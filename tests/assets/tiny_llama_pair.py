@@ -57,23 +57,26 @@ def make_pair(seed: int = 0, **config_kwargs):
     return hf_model, model
 
 
-def save_tiny_checkpoint(folder: Path, seed: int = 0, **config_kwargs):
+def save_tiny_checkpoint(folder: Path, seed: int = 0, *, tokenizer_adds_bos: bool = True, **config_kwargs):
     """An HF model folder (config.json, model.safetensors, tokenizer files); returns (folder, hf_model)."""
     hf_model, _ = make_pair(seed=seed, **config_kwargs)
     hf_model.save_pretrained(folder)
-    save_tiny_tokenizer(folder)
+    save_tiny_tokenizer(folder, adds_bos=tokenizer_adds_bos)
     return folder, hf_model
 
 
-def save_tiny_tokenizer(folder: Path) -> Path:
-    """A word-level tokenizer (with BOS added like Llama's) saved in the Hugging Face folder layout."""
+def save_tiny_tokenizer(folder: Path, adds_bos: bool = True) -> Path:
+    """A word-level tokenizer saved in the Hugging Face folder layout. ``adds_bos``: its post-processor
+    puts ``<s>`` first, like Llama's; without it the tokenizer adds no BOS (bos_token is still set)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(TOKENS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, keeps punctuation attached
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",

@@ -119,6 +119,7 @@ def evaluate(
     check_adapter: bool = True,
     seed: int = 1234,
     task_manager=None,
+    add_bos: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on lm-eval ``tasks`` and return lm-eval's results dict.
 
@@ -131,17 +132,25 @@ def evaluate(
         log_samples: keep per-example inputs and outputs under ``results["samples"]``.
         check_adapter: run :func:`check_adapter_is_active` first.
         task_manager: one from :func:`task_manager_for` (then include_path/include_defaults are not used).
+        add_bos: BOS in front of every scored string: None follows the model's tokenizer, True/False force it.
+
+    The global RNGs (``random``, numpy, torch on every device) are left as they were: lm-eval seeds
+    them for its own sampling, and a training loop that evaluates every N steps must not be reseeded.
     """
     from lm_eval import simple_evaluate
 
     tasks = list(tasks)
     if task_manager is None:
         task_manager = task_manager_for(tasks, include_path, include_defaults)
-    lm = TorchFTEvalWrapper(model, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, max_gen_toks=max_gen_toks)
+    lm = TorchFTEvalWrapper(model, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size,
+                            max_gen_toks=max_gen_toks, add_bos=add_bos)
     if check_adapter:
         probe = lm.tok_encode("The quick brown fox jumps over the lazy dog.")[: lm.max_length]
         check_adapter_is_active(model, torch.tensor([probe], device=lm.device))
+    from torchft.training.rng import get_rng_state, set_rng_state
+
     was_training = model.training
+    rng_state = get_rng_state()  # simple_evaluate reseeds python, numpy and torch
     try:
         results = simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
@@ -158,6 +167,7 @@ def evaluate(
             ) from err
         raise
     finally:
+        set_rng_state(rng_state)
         model.train(was_training)
     return results
 

@@ -29,7 +29,9 @@ class TorchFTEvalWrapper(TemplateLM):
         max_seq_len: longest input scored at once; defaults to ``model.args.max_seq_len``.
         batch_size: requests per forward pass.
         max_gen_toks: default cap on generated tokens for ``generate_until`` tasks.
-        add_bos: put the BOS token in front of every encoded string (as HF Llama tokenizers do).
+        add_bos: None (default) puts BOS in front of every encoded string exactly when the model's own
+            tokenizer does (``tokenizer.adds_bos``), as lm-eval's HF backend does; True always puts
+            ``bos_id`` first, False never.
     """
 
     def __init__(
@@ -40,7 +42,7 @@ class TorchFTEvalWrapper(TemplateLM):
         max_seq_len: int | None = None,
         batch_size: int = 8,
         max_gen_toks: int = 256,
-        add_bos: bool = True,
+        add_bos: bool | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -81,7 +83,11 @@ class TorchFTEvalWrapper(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         add_bos = self.add_bos if add_special_tokens is None else add_special_tokens
-        return list(self.tokenizer.encode(string, add_bos=add_bos, add_eos=False))
+        if add_bos is None:  # the model's own policy
+            return list(self.tokenizer.encode(string, add_bos=True, add_eos=False))
+        ids = list(self.tokenizer.encode(string, add_bos=False, add_eos=False))
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return [bos, *ids] if add_bos and bos is not None else ids
 
     def tok_decode(self, tokens: list[int]) -> str:
         # Special tokens (BOS, EOS, stop tokens) are dropped, as lm-eval's HF backend does.

@@ -43,6 +43,15 @@ def _forward(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor, ma
     return model(tokens, input_pos=input_pos, mask=mask)
 
 
+def _last_position_logits(model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """Logits [b, vocab] of the last position only: the prefill never builds [b, s, vocab]."""
+    if hasattr(model, "hidden_states") and hasattr(model, "output"):
+        hidden = model.hidden_states(tokens, input_pos=input_pos, mask=mask)  # [b, s, dim]
+        return model.output(hidden[:, -1])
+    return model(tokens, input_pos=input_pos, mask=mask)[:, -1]
+
+
 _compiled_forward = None
 
 
@@ -139,7 +148,7 @@ def generate_with_stats(
         columns = torch.arange(prompt_len, device=device).expand(batch, prompt_len)  # [b, s]
         input_pos = (columns - pad_len[:, None]).clamp(min=0)
         mask = causal[:prompt_len] & (key_valid[:, None, :] | diagonal[:prompt_len])  # [b, s, cache_len]
-        logits = model(tokens, input_pos=input_pos, mask=mask)[:, -1]  # [b, vocab]
+        logits = _last_position_logits(model, tokens, input_pos, mask)  # [b, vocab]
         next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # [b]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -147,6 +147,10 @@ def load_quantized(folder: str | Path, *, device: torch.device | str = "cpu") ->
     check_scheme(info["scheme"], device)
     with torch.device("meta"):
         model = from_hf_config(folder / "config.json")
+    # Importing torchao's quantization package registers its tensor subclasses (Int8Tensor, ...) as safe
+    # globals for weights_only loading; a fresh process has not imported it yet.
+    import torchao.quantization  # noqa: F401
+
     state_dict = torch.load(folder / QUANTIZED_WEIGHTS, map_location=device, weights_only=True, mmap=True)
     model.load_state_dict(state_dict, assign=True)
     for p in model.parameters():

@@ -24,18 +24,22 @@ class KVCache(nn.Module):
         # a fixed-shape index_copy under compile.
         self.register_buffer("slots", torch.arange(max_seq_len, device=device), persistent=False)
         self.register_buffer("_size", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        # Slots filled by eager (uncompiled) updates, counted on the host so the overflow check never
+        # reads ``_size`` back from the device (one sync per layer per token otherwise).
+        self._eager_size = 0
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
 
     @property
     def size(self) -> int:
-        """Number of filled slots."""
+        """Number of filled slots (reads the device counter: a sync, so not for the decode loop)."""
         return int(self._size.item())
 
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
         self._size.zero_()
+        self._eager_size = 0
 
     def causal_mask(self, seq_len: int) -> torch.Tensor:
         """Bool mask [s, max_seq_len] for the next ``seq_len`` tokens: each sees the filled slots and
@@ -48,10 +52,14 @@ class KVCache(nn.Module):
         seq_len = k.shape[2]
         if k.shape[0] != self.batch_size:  # static shapes: a smaller batch would silently mix rows
             raise ValueError(f"KV cache was set up for batch size {self.batch_size}, got {k.shape[0]}")
-        if not torch.compiler.is_compiling() and self.size + seq_len > self.max_seq_len:
-            raise ValueError(
-                f"KV cache holds {self.max_seq_len} positions; {self.size} are filled and {seq_len} more do not fit"
-            )
+        if not torch.compiler.is_compiling():
+            # Compiled steps skip the check (their caller sizes the cache, as generate does).
+            if self._eager_size + seq_len > self.max_seq_len:
+                raise ValueError(
+                    f"KV cache holds {self.max_seq_len} positions; {self._eager_size} are filled and "
+                    f"{seq_len} more do not fit"
+                )
+            self._eager_size += seq_len
         write = self._size + self.slots[:seq_len]  # [s]
         self.k_cache.index_copy_(2, write, k)
         self.v_cache.index_copy_(2, write, v)

@@ -17,6 +17,9 @@ class BaseTokenizer:
     stop_tokens: list[int]
     vocab_size: int
     max_seq_len: int | None = None
+    # Whether plain text starts with BOS (``encode(add_bos=True)``): the policy of the model's own
+    # tokenizer. Meta's Llama 2 and 3 tokenizers add it; an HF tokenizer says so by its post-processor.
+    adds_bos: bool = True
 
     def tokenize_messages(
         self,
@@ -29,7 +32,8 @@ class BaseTokenizer:
         """Tokens of a conversation in this tokenizer's chat format, and a mask (True = not trained on).
 
         ``add_eos=False`` leaves the last message open (no end-of-turn token); ``add_generation_prompt=True``
-        appends the header that asks the model for an assistant turn (for generation).
+        closes the last message (whatever ``add_eos`` says) and appends the header that asks the model for
+        an assistant turn (for generation), as the model's official chat template does.
         """
         tokens, mask = self._tokenize_messages(as_messages(messages), add_eos, add_generation_prompt)
         if truncate and self.max_seq_len is not None:
@@ -45,7 +49,7 @@ class BaseTokenizer:
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         # The single place where BOS/EOS are added to plain text: never twice.
-        if add_bos and self.bos_id is not None:
+        if add_bos and self.adds_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if add_eos and self.eos_id is not None:
             ids.append(self.eos_id)

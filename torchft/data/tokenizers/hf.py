@@ -1,14 +1,21 @@
 """A tokenizer from a Hugging Face model folder: ``tokenizer.json`` + ``tokenizer_config.json``.
 
 Text goes through the ``tokenizers`` package; chats through the folder's own Jinja chat template
-(``chat_template`` in tokenizer_config.json, or a ``chat_template.jinja`` file). The
-template owns BOS in chats, so rendered chats are tokenized without the tokenizer's post-processor
-(which would add a second BOS).
+(``chat_template`` in tokenizer_config.json, or a ``chat_template.jinja`` file).
+
+BOS follows the tokenizer: ``encode`` puts ``bos_token`` first only when the tokenizer's own
+post-processor does (``adds_bos``), as ``AutoTokenizer`` would. The template owns BOS in chats, so
+rendered chats are tokenized without the post-processor (which would add a second BOS).
+
+Typed text is never a control token: ``encode`` and the messages' contents are tokenized with the
+special tokens split as ordinary text (``<|eot_id|>`` typed by a user is text); only the chat
+template's own structure produces control tokens.
 """
 from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 
 from tokenizers import Tokenizer
 
@@ -34,6 +41,8 @@ def _compile_template(source: str):
         x, indent=indent, ensure_ascii=ensure_ascii
     )
     env.globals["raise_exception"] = raise_exception
+    # Llama 3.x templates write today's date with it (and a fixed date when it is missing), as transformers does.
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
@@ -48,6 +57,10 @@ class HFTokenizer(BaseTokenizer):
             self.tokenizer = Tokenizer.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers package raises a bare Exception on bad files
             raise ValueError(f"{tokenizer_file}: not a tokenizers JSON file ({e})") from None
+        # The same tokenizer with special tokens split as ordinary text: what typed text goes through.
+        self._text_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
+        self._text_tokenizer.encode_special_tokens = True
+        self._special_texts = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
         config_file = os.path.join(model_dir, "tokenizer_config.json")
         config = {}
         if os.path.isfile(config_file):
@@ -62,6 +75,7 @@ class HFTokenizer(BaseTokenizer):
         self.eos_id = self._token_id(self.eos_token, "eos_token")
         pad_token = _token_text(config.get("pad_token"))
         self.pad_id = self._token_id(pad_token, "pad_token") if pad_token else (self.eos_id or 0)
+        self.adds_bos = self._post_processor_adds_bos()
         self.stop_tokens = [self.eos_id] if self.eos_id is not None else []
         gen_file = os.path.join(model_dir, "generation_config.json")
         if os.path.isfile(gen_file):
@@ -88,12 +102,23 @@ class HFTokenizer(BaseTokenizer):
             raise ValueError(f"{self.path}: {field} {text!r} is not in the vocabulary of tokenizer.json")
         return token_id
 
+    def _post_processor_adds_bos(self) -> bool:
+        """True when the tokenizer itself puts ``bos_token`` in front of a text (its post-processor)."""
+        if self.bos_id is None:
+            return False
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        processed = self.tokenizer.encode("a", add_special_tokens=True).ids
+        return self.bos_id in processed[: len(processed) - len(plain)]
+
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
-        """Token ids of ``text``; BOS/EOS added here only (never twice)."""
-        return self._wrap(self.tokenizer.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+        """Token ids of ``text`` (special-token strings in it stay text).
+
+        BOS comes first when ``add_bos`` and the tokenizer adds one (``adds_bos``); EOS last when ``add_eos``.
+        """
+        return self._wrap(self._text_tokenizer.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
 
     def encode_batch(self, texts, add_bos: bool = True, add_eos: bool = True):
-        batch = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        batch = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [self._wrap(e.ids, add_bos, add_eos) for e in batch]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -102,7 +127,10 @@ class HFTokenizer(BaseTokenizer):
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         """The chat template applied to ``messages`` (a string, not yet tokenized)."""
         if self._template is None:
-            raise ValueError(f"{self.path}: no chat template (neither chat_template in tokenizer_config.json nor chat_template.jinja)")
+            raise ValueError(
+                f"{self.path}: no chat template (neither chat_template in tokenizer_config.json nor "
+                "chat_template.jinja); use plain-text prompts (chat=false) or a folder that has one"
+            )
         dicts = [{"role": m.role, "content": m.content} for m in messages]
         return self._template.render(
             messages=dicts,
@@ -126,17 +154,37 @@ class HFTokenizer(BaseTokenizer):
                 prefix = ""
             start = len(os.path.commonprefix([prefix, text]))
             bounds.append(max(start, bounds[-1]) if bounds else start)
-        if not add_eos and not add_generation_prompt:
+        spans = [self._content_span(text, bounds[j], bounds[j + 1], m) for j, m in enumerate(messages)]
+        if not add_eos and not add_generation_prompt and spans[-1] is not None:
             # Leave the last message open: cut what the template writes after its content.
-            content = messages[-1].content.strip()
-            end = text.rfind(content, bounds[-2]) if content else -1
-            text = text[: end + len(content)] if end >= 0 else text
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+            text = text[: spans[-1][1]]
+        # Contents that spell a special token are tokenized as text, on their own; the rest of the
+        # rendered text (the template's structure) in one piece, as transformers tokenizes it.
+        literal = [span for span, m in zip(spans, messages)
+                   if span is not None and any(t in m.content for t in self._special_texts)]
+        ids, offsets, cursor = [], [], 0
+        for start, end in literal + [(len(text), len(text))]:
+            for piece, tokenizer, at in ((text[cursor:start], self.tokenizer, cursor),
+                                         (text[start:end], self._text_tokenizer, start)):
+                if piece:
+                    encoding = tokenizer.encode(piece, add_special_tokens=False)
+                    ids.extend(encoding.ids)
+                    offsets.extend(at + begin for begin, _ in encoding.offsets)
+            cursor = end
         mask = []
-        for start, _ in encoding.offsets:
+        for start in offsets:
             owner = next((j for j in range(len(messages)) if bounds[j] <= start < bounds[j + 1]), None)
             mask.append(True if owner is None else messages[owner].masked)
-        return list(encoding.ids), mask
+        return ids, mask
+
+    @staticmethod
+    def _content_span(text: str, start: int, end: int, message) -> tuple[int, int] | None:
+        """Where ``message``'s (trimmed) content sits in ``text[start:end]``, or None when it is not there."""
+        content = message.content.strip()
+        if not content or end <= start:
+            return None
+        at = text.rfind(content, start, end)
+        return (at, at + len(content)) if at >= 0 else None
 
 
 def hf_tokenizer(model_dir: str, max_seq_len: int | None = None) -> HFTokenizer:

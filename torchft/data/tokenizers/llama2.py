@@ -92,7 +92,7 @@ class Llama2Tokenizer(BaseTokenizer):
             else:
                 # The dummy prefix encodes the space between [/INST] and the answer.
                 ids = self.sp_model.encode(f"{message.content.strip()} ")
-                if add_eos or not last:
+                if add_eos or add_generation_prompt or not last:
                     ids.append(self.eos_id)
             tokens.extend(ids)
             mask.extend([message.masked] * len(ids))

@@ -194,7 +194,9 @@ class Llama3Tokenizer(BaseTokenizer):
         for i, message in enumerate(messages):
             last = i == len(messages) - 1
             ids = self._header(message.role) + self._ordinary(message.content.strip())
-            if add_eos or not last:
+            # Only the last turn of a conversation may stay open, and not when the assistant is asked
+            # to answer: the generation prompt always follows a closed turn, as in Meta's template.
+            if add_eos or add_generation_prompt or not last:
                 ids.append(self.eot_id)
             tokens.extend(ids)
             mask.extend([message.masked] * len(ids))
