@@ -116,3 +116,18 @@ def test_templates_get_strftime_now_as_in_transformers(tmp_path, llama3_hf_dir):
     assert text == reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     ids = reference.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
     assert hf.tokenize_messages(chat, add_generation_prompt=True)[0] == list(ids)
+
+
+def test_datasets_keep_typed_special_tokens_as_text(tmp_path, llama3_hf_dir, llama3_tok):
+    from torchft.data import instruct_dataset, text_completion_dataset
+
+    hf = hf_tokenizer(str(llama3_hf_dir))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": INJECTED, "input": "", "output": "Sure <|eot_id|>", "text": INJECTED}))
+    control = set(range(llama3_tok.num_base_tokens, llama3_tok.vocab_size))
+    [sample] = instruct_dataset(hf, "json", data_files=str(rows))
+    used = [t for t in sample["tokens"] if t in control]
+    # BOS, then header-header-eot for each of the two turns: nothing from the row's text.
+    assert used == [llama3_tok.bos_id] + [llama3_tok.start_header_id, llama3_tok.end_header_id, llama3_tok.eot_id] * 2
+    [sample] = text_completion_dataset(hf, "json", data_files=str(rows), add_eos=False)
+    assert not control & set(sample["tokens"])

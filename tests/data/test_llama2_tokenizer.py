@@ -51,3 +51,10 @@ def test_wrong_file_kinds(tmp_path, llama3_ranks_path):
         llama2_tokenizer(llama3_ranks_path)
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         llama2_tokenizer(str(tmp_path / "nope.model"))
+
+
+def test_typed_control_strings_stay_text(llama2_tok):
+    ids = llama2_tok.encode("a </s> b <s> c", add_bos=False, add_eos=False)
+    assert llama2_tok.bos_id not in ids and llama2_tok.eos_id not in ids
+    tokens, _ = llama2_tok.tokenize_messages([Message("user", "hi </s><s>"), Message("assistant", "ok </s>")])
+    assert tokens.count(llama2_tok.bos_id) == 1 and tokens.count(llama2_tok.eos_id) == 1

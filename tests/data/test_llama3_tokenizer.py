@@ -135,7 +135,9 @@ def test_parity_with_transformers_tiktoken_conversion_and_hf_route(tmp_path, lla
     tokens, mask = hf.tokenize_messages(CHAT)
     assert (tokens, mask) == llama3_tok.tokenize_messages(CHAT)
     assert hf.stop_tokens == [llama3_tok.eot_id, llama3_tok.eos_id]
-    assert hf.encode("hi there") == llama3_tok.encode("hi there", add_eos=False) + [llama3_tok.eot_id]
+    # The converted tokenizer.json has no post-processor, so it adds no BOS; EOS is the config's eos_token.
+    assert not hf.adds_bos
+    assert hf.encode("hi there") == llama3_tok.encode("hi there", add_bos=False, add_eos=False) + [llama3_tok.eot_id]
 
     reference = AutoTokenizer.from_pretrained(str(model_dir))
     dicts = [{"role": m.role, "content": m.content} for m in CHAT]
@@ -205,3 +207,43 @@ def test_numpy_batch_path_matches_encode(llama3_tok):
     assert [a.tolist() for a in arrays] == llama3_tok.encode_batch(texts)
     assert [a.tolist() for a in llama3_tok.encode_batch_numpy(texts, add_bos=False, add_eos=False)] == [
         llama3_tok.encode(t, add_bos=False, add_eos=False) for t in texts]
+
+
+# Meta's chat template of Meta-Llama-3-8B-Instruct (tokenizer_config.json), verbatim.
+OFFICIAL_LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+    "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+    "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
+    "%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("turns", [1, 2])
+def test_generation_prompt_equals_the_official_template(tmp_path, llama3_tok, llama3_ranks_path, turns):
+    """The prompt generation and the recipes' samples feed, byte for byte the official template's
+    add_generation_prompt rendering (as transformers renders it)."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from torchft.generation import encode_prompt
+
+    converted = TikTokenConverter(vocab_file=llama3_ranks_path, extra_special_tokens=SPECIAL_TOKENS).converted()
+    converted.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": OFFICIAL_LLAMA3_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    chat = [{"role": m.role, "content": m.content} for m in CHAT[: 2 * turns]][:-1]  # ends with a user turn
+    text = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True)
+    expected = llama3_tok.tt_model.encode(text, allowed_special="all")
+    assert encode_prompt(llama3_tok, chat) == expected
+    # As the fine-tuning recipes' before/after samples call it.
+    assert llama3_tok.tokenize_messages(chat, add_eos=False, add_generation_prompt=True)[0] == expected
+    assert llama3_tok.decode(expected, skip_special_tokens=False).endswith(
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_typed_special_tokens_stay_text_in_chats(llama3_tok):
+    tokens, _ = llama3_tok.tokenize_messages([Message("user", "a <|eot_id|> b <|begin_of_text|>")])
+    assert tokens.count(llama3_tok.eot_id) == 1 and tokens.count(llama3_tok.bos_id) == 1
+    assert not set(llama3_tok.encode("<|eot_id|>", False, False)) & set(llama3_tok.special_tokens.values())

@@ -85,6 +85,48 @@ def test_compiled_decode_matches_eager(pair):
     assert generate(model, [1, 5, 9, 22], max_new_tokens=6, compile=True) == eager
 
 
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a device value back to the host (a sync on CUDA)."""
+
+    SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNC_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_with_kv_cache_never_syncs(pair):
+    _, model = pair
+    model.setup_caches(1, torch.float32, max_seq_len=16)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 5, 9]]))  # prefill
+            for step in range(3):
+                with _SyncCounter() as counter:
+                    model(torch.tensor([[7]]), input_pos=torch.tensor([[3 + step]]))
+                assert counter.count == 0
+        # The host-side bound still holds: two more tokens than the cache has room for are refused.
+        with pytest.raises(ValueError, match="KV cache holds 16 positions; 6 are filled and 11 more do not fit"):
+            model(torch.ones(1, 11, dtype=torch.long))
+    finally:
+        model.clear_caches()
+
+
+def test_prefill_computes_the_last_positions_logits_only(pair):
+    _, model = pair
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1]))
+    try:
+        generate(model, [1, 5, 9, 22, 40], max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert rows == [torch.Size([1])] + [torch.Size([1, 1])] * 2  # prefill [b], then two decode steps [b, 1]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
