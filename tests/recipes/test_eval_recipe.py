@@ -37,8 +37,7 @@ def _save_adapter(hf_model, folder, trained: bool):
 
 def _overrides(ckpt, out, *extra):
     return [
-        f"checkpoint_dir={ckpt}", "tokenizer._component_=torchft.data.tokenizers.hf_tokenizer", "~tokenizer.path",
-        f"+tokenizer.model_dir={ckpt}", f"output_dir={out}", f"include_path={TASKS_DIR}", "device=cpu",
+        f"checkpoint_dir={ckpt}", f"output_dir={out}", f"include_path={TASKS_DIR}", "device=cpu",
         "dtype=fp32", f"max_seq_len={MAX_LEN}", "batch_size=4", "include_default_tasks=false", *extra,
     ]
 

@@ -18,8 +18,7 @@ def checkpoint(tmp_path_factory):
 
 def _overrides(folder, *extra):
     return [
-        f"checkpoint_dir={folder}", "tokenizer._component_=torchft.data.tokenizers.hf_tokenizer", "~tokenizer.path",
-        f"+tokenizer.model_dir={folder}", "device=cpu", "dtype=fp32", "temperature=0", "max_new_tokens=12", *extra,
+        f"checkpoint_dir={folder}", "device=cpu", "dtype=fp32", "temperature=0", "max_new_tokens=12", *extra,
     ]
 
 
@@ -75,3 +74,27 @@ def test_cli_errors_are_one_line(checkpoint, extra, message):
     assert "Traceback" not in proc.stderr
     import re
     assert re.search(message, last), proc.stderr
+
+
+def test_checkpoint_dir_alone_with_meta_tokenizer_file(tmp_path, capsys):
+    """A folder whose only tokenizer is Meta's original/tokenizer.model (tiktoken): the config derives the
+    tokenizer from checkpoint_dir and the chat prompt is the Llama 3 format; text equals transformers'."""
+    from torchft._recipes.generate import main
+    from torchft.config import load_config
+    from torchft.data.tokenizers import llama3_tokenizer, train_llama3_ranks
+
+    from tiny_llama_pair import make_pair
+
+    (tmp_path / "original").mkdir()
+    ranks = str(tmp_path / "original" / "tokenizer.model")
+    train_llama3_ranks(["the old cat sleeps on the mat and the dog runs"] * 20, num_merges=40, path=ranks)
+    tokenizer = llama3_tokenizer(ranks)
+    hf_model, _ = make_pair(seed=9, vocab_size=tokenizer.vocab_size)
+    hf_model.save_pretrained(tmp_path)
+    prompt = "the old cat sleeps on the"
+    main(load_config("generation", [f"checkpoint_dir={tmp_path}", "device=cpu", "dtype=fp32", "temperature=0",
+                                    "max_new_tokens=12", f"prompt='{prompt}'"]))
+    ids = tokenizer.tokenize_messages([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.stop_tokens)
+    assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, len(ids):].tolist())
