@@ -14,11 +14,13 @@ TASKS = ["torchft_tiny_mc", "torchft_tiny_gen", "torchft_tiny_ppl"]
 MAX_LEN = 24  # short enough that perplexity documents span several rolling windows
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["bos", "no_bos"])
+def setup(tmp_path_factory, request):
+    """Weights and a tokenizer whose post-processor adds BOS (Llama) or adds none: the wrapper's
+    default BOS must follow the tokenizer, as lm-eval's HF backend does."""
     from torchft.data.tokenizers import hf_tokenizer
 
-    tok_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("tok"), adds_bos=request.param)
     hf_model, model = make_pair(seed=1)
     return hf_model, model, tok_dir, hf_tokenizer(str(tok_dir))
 

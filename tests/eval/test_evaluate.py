@@ -93,3 +93,29 @@ def test_eval_hook_returns_flat_metrics_and_restores_mode(model_and_tokenizer):
         "torchft_tiny_mc/acc", "torchft_tiny_mc/acc_norm", "torchft_tiny_ppl/word_perplexity",
         "torchft_tiny_ppl/byte_perplexity", "torchft_tiny_ppl/bits_per_byte",
     }
+
+
+def test_eval_hook_leaves_the_global_rngs_as_they_were(model_and_tokenizer):
+    """A training loop that evaluates every N steps draws the same random numbers as one that does not."""
+    import random
+
+    import numpy as np
+
+    model, tok = model_and_tokenizer
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    expected = (torch.rand(3).tolist(), random.random(), np.random.rand())
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    eval_hook(model, tok, ["torchft_tiny_mc"], include_path=TASKS_DIR, include_defaults=False, limit=2)
+    assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == expected
+
+
+def test_wrapper_bos_follows_the_tokenizer_or_the_setting(tmp_path):
+    from torchft.data.tokenizers import hf_tokenizer
+    from torchft.eval import TorchFTEvalWrapper
+
+    _, model = make_pair(seed=2)
+    tok = hf_tokenizer(str(save_tiny_tokenizer(tmp_path, adds_bos=False)))
+    text_ids = tok.encode("the cat", add_bos=False, add_eos=False)
+    assert TorchFTEvalWrapper(model, tok).tok_encode("the cat") == text_ids  # the tokenizer adds none
+    assert TorchFTEvalWrapper(model, tok, add_bos=True).tok_encode("the cat") == [tok.bos_id, *text_ids]
+    assert TorchFTEvalWrapper(model, tok, add_bos=False).tok_encode("the cat", add_special_tokens=None) == text_ids

@@ -96,3 +96,27 @@ def test_unknown_task_is_one_line_on_the_cli(checkpoint, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "tune: error: unknown lm-eval task 'torchft_tiny_mcc' (close names: torchft_tiny_mc"
     ), proc.stderr
+
+
+def test_add_bos_from_the_config_on_a_model_whose_tokenizer_adds_none(tmp_path):
+    """Default: no BOS, like the model's tokenizer (and lm-eval's HF backend); add_bos=true puts it first."""
+    import torch
+
+    from torchft._recipes.eleuther_eval import main
+    from torchft.config import load_config
+    from torchft.data.tokenizers import hf_tokenizer
+    from torchft.eval import evaluate
+    from torchft.generation import load_model
+
+    ckpt, _ = save_tiny_checkpoint(tmp_path / "ckpt", seed=5, tokenizer_adds_bos=False)
+    scores = {}
+    for add_bos in ("null", "true"):
+        main(load_config("eleuther_evaluation", _overrides(ckpt, tmp_path / add_bos, "tasks=[torchft_tiny_mc]",
+                                                           f"add_bos={add_bos}", "log_samples=true")))
+        rows = [json.loads(line) for line in (tmp_path / add_bos / "samples_torchft_tiny_mc.jsonl").open()]
+        scores[add_bos] = [r[0] for row in rows for r in row["filtered_resps"]]
+    forced = evaluate(load_model(ckpt, dtype=torch.float32), hf_tokenizer(str(ckpt)), ["torchft_tiny_mc"],
+                      include_path=TASKS_DIR, include_defaults=False, max_seq_len=MAX_LEN, batch_size=4,
+                      add_bos=True, log_samples=True)
+    assert scores["true"] == [r[0] for s in forced["samples"]["torchft_tiny_mc"] for r in s["filtered_resps"]]
+    assert scores["null"] != pytest.approx(scores["true"], abs=1e-3)
