@@ -47,3 +47,13 @@ def test_chat_messages_and_system_prompt_match_the_template(tokenizers):
 def test_bad_prompts(tokenizers, prompt, kwargs, match):
     with pytest.raises(ValueError, match=match):
         encode_prompt(tokenizers[0], prompt, **kwargs)
+
+
+def test_plain_text_without_bos_when_the_tokenizer_adds_none(tmp_path):
+    from transformers import AutoTokenizer
+
+    from torchft.data.tokenizers import hf_tokenizer
+
+    folder = save_tiny_tokenizer(tmp_path, adds_bos=False)
+    assert encode_prompt(hf_tokenizer(str(folder)), "the cat runs") == AutoTokenizer.from_pretrained(folder).encode(
+        "the cat runs")
