@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torchft.eval._lm import TorchFTEvalWrapper
+from torchft.training.rng import get_rng_state, set_rng_state
 
 
 class TaskDataUnavailableError(ConnectionError):
@@ -147,8 +148,6 @@ def evaluate(
     if check_adapter:
         probe = lm.tok_encode("The quick brown fox jumps over the lazy dog.")[: lm.max_length]
         check_adapter_is_active(model, torch.tensor([probe], device=lm.device))
-    from torchft.training.rng import get_rng_state, set_rng_state
-
     was_training = model.training
     rng_state = get_rng_state()  # simple_evaluate reseeds python, numpy and torch
     try:

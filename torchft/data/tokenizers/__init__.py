@@ -13,8 +13,8 @@ Every tokenizer offers the same interface, which recipes, generation and evaluat
 ``tokenize_messages(messages, add_eos=True, *, add_generation_prompt=False, truncate=True) -> (tokens, mask)``
     A conversation (list of :class:`torchft.data.Message` or role/content dicts) in the model's chat
     format. ``mask[i]`` is True where token i is not trained on (a masked message, BOS). ``add_eos=False``
-    leaves the last turn open; ``add_generation_prompt=True`` closes it and appends the assistant header. Output is
-    truncated to ``max_seq_len`` when that is set and ``truncate`` is True.
+    leaves the last turn open; ``add_generation_prompt=True`` closes it and appends the assistant header.
+    Output is truncated to ``max_seq_len`` when that is set and ``truncate`` is True.
 ``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size``, ``max_seq_len``, ``adds_bos``
 ``stop_tokens``: ids that end generation, from the chat format (Llama 3: ``<|eot_id|>``, ``<|end_of_text|>``).
 
