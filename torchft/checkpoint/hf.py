@@ -24,6 +24,7 @@ from torchft.checkpoint._io import (
     refuse_nested_output,
     require_dir,
     to_plain_tensor,
+    unshare_tensors,
 )
 from torchft.checkpoint.validate import check_state_dict, expected_shapes, is_adapter_key
 
@@ -282,19 +283,6 @@ def _plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[li
     return shards
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory (e.g. an untied copy of the embedding).
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.device.index or 0)
-        if ident in seen and t.numel() > 0:
-            t = t.clone()
-        seen.add(ident)
-        out[key] = t
-    return out
-
-
 def write_hf_weights(state_dict: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
     """Write HF-named safetensors shards (+ index) into an existing folder; return the file names.
 
@@ -306,7 +294,7 @@ def write_hf_weights(state_dict: Mapping[str, torch.Tensor], folder: Path, max_s
                 f"state dict key {key} is an adapter weight: merge adapters into the base weights "
                 "first, or save them with save_peft_adapter"
             )
-    tensors = _unshare({torchft_to_hf_key(k): to_plain_tensor(v).cpu() for k, v in state_dict.items()})
+    tensors = unshare_tensors({torchft_to_hf_key(k): to_plain_tensor(v).cpu() for k, v in state_dict.items()})
     shards = _plan_shards(tensors, parse_size(max_shard_size))
     metadata = {"format": "pt"}  # transformers checks this entry
     if len(shards) == 1:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchft.modules.peft.lora import LoRALinear
+from torchft.modules.peft.merge import merge_adapter_weight
 
 
 def _refresh_magnitude_after_load(module: "DoRALinear", incompatible_keys) -> None:
@@ -76,12 +77,10 @@ class DoRALinear(LoRALinear):
         else:
             self.magnitude.copy_(norm)
 
-    def merged_weight(self) -> torch.Tensor:
-        """``magnitude * (W + s B A) / ||W + s B A||`` [out_dim, in_dim], in the base weight's dtype."""
-        base = self.dequantized_weight()
-        adapted = base.float() + self.lora_delta()
-        scale = self.magnitude.float() / torch.linalg.norm(adapted, dim=1)  # [out_dim]
-        return (scale[:, None] * adapted).to(base.dtype)
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``magnitude * (W + s B A) / ||W + s B A||`` [out_dim, in_dim], in ``W``'s dtype (``W`` as in LoRALinear)."""
+        base = self.dequantized_weight() if base is None else base
+        return merge_adapter_weight(base, self.lora_a.weight, self.lora_b.weight, self.scaling, self.magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_dim] -> [..., out_dim]"""
