@@ -94,11 +94,17 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
-        _replace_durably(tmp, target)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Flush the finished folder ``tmp`` and rename it over ``target`` (replacing one that exists),
+    then flush the parent folder. ``atomic_directory`` does this for the folders it yields."""
+    _fsync_tree(Path(tmp))
+    _replace_durably(Path(tmp), Path(target))
 
 
 @contextlib.contextmanager
