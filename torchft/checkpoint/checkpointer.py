@@ -31,13 +31,16 @@ import torch
 from torchft.checkpoint._io import atomic_directory, copy_support_files, refuse_nested_output, require_dir
 from torchft.checkpoint.hf import (
     drop_tied_output,
+    find_weight_files,
     load_hf_args,
     load_hf_checkpoint,
     read_hf_config,
     write_hf_weights,
     CONFIG_FILE,
 )
-from torchft.checkpoint.meta import load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights
+from torchft.checkpoint.meta import (
+    consolidated_file, load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights,
+)
 
 TRAINING_STATE_FILE = "training_state.pt"
 REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
@@ -235,6 +238,11 @@ class _StepCheckpointer:
     def _read_args(self):
         raise NotImplementedError
 
+    def check_weight_files(self) -> None:
+        """Raise FileNotFoundError naming what is missing when the input's weight files are not all
+        there (reads no weights)."""
+        raise NotImplementedError
+
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -271,6 +279,9 @@ class HFCheckpointer(_StepCheckpointer):
     def _read_args(self):
         return load_hf_args(self.checkpoint_dir)
 
+    def check_weight_files(self) -> None:
+        find_weight_files(self.checkpoint_dir)  # every shard an index names must exist
+
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """torchft state dict of the input (or of a saved ``step_dir``), checked against ``model_args``."""
         return load_hf_checkpoint(step_dir or self.checkpoint_dir, expected=self.model_args)
@@ -298,6 +309,9 @@ class MetaCheckpointer(_StepCheckpointer):
 
     def _read_args(self):
         return load_meta_args(self.checkpoint_dir, max_seq_len=self.max_seq_len)
+
+    def check_weight_files(self) -> None:
+        consolidated_file(self.checkpoint_dir)
 
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """torchft state dict (q/k in rotate-half layout) of the input or of a saved ``step_dir``."""
