@@ -130,3 +130,23 @@ def test_export_holds_one_shard_not_a_second_copy_of_the_model(tmp_path, monkeyp
     # The measure sees a whole-model copy: the merged state dict built at once (bf16) holds all of it.
     whole_bytes = model_bytes // 2
     assert _peak_cpu_bytes(lambda: cpu_state_dict(model, merge_adapters=True)) >= whole_bytes
+
+
+def test_meta_checkpointer_merges_onto_its_consolidated_weights(tmp_path):
+    from tests.checkpoint._tiny import save_meta_folder, tiny_hf_model
+    from torchft.checkpoint import MetaCheckpointer
+    from torchft.checkpoint.meta import meta_to_torchft_key
+
+    written = save_meta_folder(tiny_hf_model("llama3"), tmp_path / "in")
+    ckpt = MetaCheckpointer(tmp_path / "in", tmp_path / "out")
+    with torch.device("meta"):
+        model = from_hf_config(ckpt.model_args.to_hf_config(), lora_attn_modules=["v_proj"], lora_rank=4, lora_alpha=8)
+    load_adapter_model(model, ckpt.load_model_state_dict(), torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad():
+        model.layers[1].self_attn.v_proj.lora_b.weight.normal_()
+    saved = torch.load(ckpt.save(1, model) / "consolidated.00.pth", weights_only=True)
+    assert saved.keys() == written.keys()
+    v_proj = model.layers[1].self_attn.v_proj
+    for key, tensor in written.items():  # fp32 originals, the model is bf16
+        want = _expected_merge(tensor, v_proj) if key == "layers.1.attention.wv.weight" else tensor
+        assert torch.equal(saved[key], want), (key, meta_to_torchft_key(key))
