@@ -1,6 +1,5 @@
 """``torch.compile`` applied per decoder layer: compile time stays that of one layer, and the
 layers (identical code) share one compiled graph."""
-import torch
 from torch import nn
 
 
