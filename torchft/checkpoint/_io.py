@@ -64,9 +64,10 @@ def _fsync_tree(root: Path) -> None:
 def _replace_durably(tmp: Path, target: Path) -> None:
     """Rename the flushed ``tmp`` (file or folder) to ``target`` and flush the parent folder, so the
     rename itself survives a power loss (a rename is only durable once its folder entry is on disk).
-    An existing folder ``target`` is moved aside first and deleted once the new one is in place."""
+    When ``tmp`` is a folder, an existing folder ``target`` is moved aside first (a folder cannot be
+    renamed over a non-empty one) and deleted once the new one is in place."""
     old = None
-    if target.is_dir():
+    if tmp.is_dir() and target.is_dir():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.rename(target, old / "replaced")
     os.replace(tmp, target)
