@@ -19,7 +19,7 @@ from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.modules.loss import output_params
 from torchft.training.activations import apply_activation_checkpointing
-from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
+from torchft.training.checkpointing import adapter_state_dict_cpu
 from torchft.training.compile import compile_layers
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> None:
 
     def save(step: int) -> str:
         path = checkpointer.save(
-            step, cpu_state_dict(model, merge_adapters=True),  # the merged model: a plain HF folder
+            step, model,  # the merged model (adapters merged onto checkpoint_dir's weights): a plain HF folder
             adapter_model=model,  # step_<N>/adapter/: the PEFT adapter alone
             training_state=training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model)))
         return str(path)

@@ -234,14 +234,31 @@ def test_validate_refuses_unknown_override_and_reports_yaml_line(tmp_path, tiny)
 
 def test_validate_checks_keys_against_the_recipe(tmp_path, shipped):
     recipe, config = shipped
-    result = tune("validate", config.name)
+    result = tune("validate", config.name, "--skip-checkpoint")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"OK: {config.name} (keys checked against recipe {recipe.name})\n"
     mine = tmp_path / "mine.yaml"
     mine.write_text(config.path.read_text() + "max_stepz: 3\n")
-    result = tune("validate", mine, "--recipe", recipe.name)
+    result = tune("validate", mine, "--recipe", recipe.name, "--skip-checkpoint")
     assert result.returncode == 1
     assert any(line.startswith("  max_stepz: unknown key for this recipe") for line in result.stderr.splitlines())
+
+
+def test_validate_checks_the_checkpoint_architecture_and_names_the_way_out(tmp_path):
+    from torchft.training.quickstart import tiny_base_model
+
+    folder = tiny_base_model(str(tmp_path / "tiny"), num_layers=2, embed_dim=64, intermediate_dim=128)
+    config = "llama3_2/1B_lora_single_device"
+    result = tune("validate", config, f"checkpointer.checkpoint_dir={folder}")
+    assert result.returncode == 1
+    header, problem = result.stderr.splitlines()
+    assert header == f"tune validate: {config}: 1 problem"
+    assert problem.startswith(f"  checkpointer.checkpoint_dir ({folder}) holds another architecture than the config's "
+                              "model (model vs checkpoint: vocab_size 128256 vs 1024, num_layers 16 vs 2,")
+    override = problem.split("with the overrides ")[1].split(" (and")[0].split()
+    assert override == ["model=torchft.models.from_hf_config", f"+model.path_or_dict={folder}"]
+    result = tune("validate", config, f"checkpointer.checkpoint_dir={folder}", *override)  # the way out works
+    assert result.returncode == 0, result.stderr
 
 
 # --- run -----------------------------------------------------------------------------------------

@@ -281,3 +281,42 @@ def test_import_errors_inside_a_component_module_are_reported_as_such(tmp_path, 
         import_component("raises_on_import.build", "model")
     with pytest.raises(ConfigError, match=r"^model._component_: expected a dotted import path"):
         import_component("torch optim", "model")
+
+
+# --- checkpoint_problems (tune validate's look at checkpointer.checkpoint_dir) ----------------------------
+
+
+def _finetune_config(checkpoint_dir, model_component="torchft.models.from_hf_config"):
+    from torchft.config import load_config
+
+    overrides = [f"checkpointer.checkpoint_dir={checkpoint_dir}", f"model={model_component}"]
+    if model_component.endswith("from_hf_config"):
+        overrides.append(f"+model.path_or_dict={checkpoint_dir}")
+    return load_config("llama3_2/1B_lora_single_device", overrides)
+
+
+def test_checkpoint_problems_name_a_missing_folder_or_weight_file(tmp_path):
+    from torchft.config._validate import checkpoint_problems
+    from torchft.training.quickstart import tiny_base_model
+
+    assert checkpoint_problems(_finetune_config(tmp_path / "nowhere")) == [
+        f"checkpointer.checkpoint_dir ({tmp_path / 'nowhere'}): folder does not exist (download the model there, "
+        f"e.g. `tune download REPO_ID --output-dir {tmp_path / 'nowhere'}`, or set checkpointer.checkpoint_dir=PATH)"
+    ]
+    folder = tiny_base_model(str(tmp_path / "tiny"), num_layers=2, embed_dim=64, intermediate_dim=128)
+    assert checkpoint_problems(_finetune_config(folder)) == []  # the model follows the folder
+    (folder / "model.safetensors").unlink()
+    [problem] = checkpoint_problems(_finetune_config(folder))
+    assert problem.startswith(f"checkpointer.checkpoint_dir: {folder}: no model weights found (expected model.safetensors")
+    (folder / "config.json").unlink()
+    assert checkpoint_problems(_finetune_config(folder)) == [
+        f"checkpointer.checkpoint_dir: {folder / 'config.json'}: config.json not found"]
+
+
+def test_checkpoint_problems_skip_what_the_run_creates(tmp_path):
+    from torchft.config import load_config
+    from torchft.config._validate import checkpoint_problems
+
+    # the quickstart's base_model node writes the checkpoint folder when the run starts
+    cfg = load_config("quickstart/lora_single_device", [f"base_model.path={tmp_path / 'not_yet'}"])
+    assert checkpoint_problems(cfg) == []

@@ -172,7 +172,7 @@ def test_qlora_runs_on_cpu_in_bf16(tmp_path_factory):
     losses = train_losses(root / "out")
     assert list(losses) == [1, 2] and all(loss == loss for loss in losses.values())
     merged = load_file(root / "out" / "step_2" / "model.safetensors")
-    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # plain weights, not NF4
+    assert merged["model.layers.0.self_attn.q_proj.weight"].dtype == load_file(base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].dtype  # merged onto the original weights
 
 
 def test_packed_dataset_trains(tmp_path, base):

@@ -7,9 +7,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
+
+from torchft.modules.peft._nf4 import dequantize
 
 
 class CheckpointError(ValueError):
@@ -42,21 +44,36 @@ def refuse_nested_output(output_dir: str | os.PathLike, input_dir: str | os.Path
         )
 
 
+def _fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     # Flush file contents, then the folder entries, so a crash right after the rename cannot leave a
     # complete-looking folder with empty files.
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def _replace_durably(tmp: Path, target: Path) -> None:
+    """Rename the flushed ``tmp`` (file or folder) to ``target`` and flush the parent folder, so the
+    rename itself survives a power loss (a rename is only durable once its folder entry is on disk).
+    When ``tmp`` is a folder, an existing folder ``target`` is moved aside first (a folder cannot be
+    renamed over a non-empty one) and deleted once the new one is in place."""
+    old = None
+    if tmp.is_dir() and target.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "replaced")
+    os.replace(tmp, target)
+    _fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -65,9 +82,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 
     The temporary folder is named ``.<target name>.tmp-XXXX`` (hidden, never matched as a step
     folder). If the block raises, it is removed and ``target`` is untouched, so an interrupted save
-    never leaves a folder that looks complete. With ``overwrite=True`` an existing ``target`` is
-    replaced (moved aside, then deleted once the new folder is in place); otherwise an existing,
-    non-empty ``target`` is an error.
+    never leaves a folder that looks complete. Contents, the rename and the parent folder are
+    fsynced. With ``overwrite=True`` an existing ``target`` is replaced (moved aside, then deleted
+    once the new folder is in place); otherwise an existing, non-empty ``target`` is an error.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -78,16 +95,37 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "replaced")
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def commit_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Flush the finished folder ``tmp`` and rename it over ``target`` (replacing one that exists),
+    then flush the parent folder. ``atomic_directory`` does this for the folders it yields."""
+    _fsync_tree(Path(tmp))
+    _replace_durably(Path(tmp), Path(target))
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; write it in the block, and it replaces ``target``.
+
+    Same guarantees as ``atomic_directory`` for one file: a reader sees the old file or the whole
+    new one, never a part; if the block raises, ``target`` is untouched and the temporary is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        _replace_durably(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -148,8 +186,23 @@ def to_plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A plain, contiguous CPU-or-device tensor from a parameter, DTensor or NF4 weight, for saving."""
     if hasattr(tensor, "full_tensor"):  # DTensor (FSDP2): gather the full weight.
         tensor = tensor.full_tensor()
-    if hasattr(tensor, "get_original_weight"):  # torchao NF4Tensor: dequantize to its original dtype.
-        tensor = tensor.get_original_weight()
+    tensor = dequantize(tensor)  # torchao NF4Tensor: to its original dtype
     if isinstance(tensor, torch.nn.Parameter):
         tensor = tensor.data
     return tensor.detach().contiguous()
+
+
+def unshare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, each repeat of a storage already seen replaced by a copy.
+
+    safetensors refuses tensors that share memory (a tied or untied copy of the embedding, views).
+    """
+    seen: set[tuple[str, int]] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ident = (str(tensor.device), tensor.untyped_storage().data_ptr())
+        if ident in seen and tensor.numel() > 0:
+            tensor = tensor.clone()
+        seen.add(ident)
+        out[key] = tensor
+    return out

@@ -6,7 +6,12 @@
         model = from_hf_config(args.to_hf_config())
     model.load_state_dict(ckpt.load_model_state_dict(), assign=True)
     ...
-    ckpt.save(step, model.state_dict(), training_state={...})   # -> output_dir/step_<step>/
+    ckpt.save(step, model, training_state={...})   # -> output_dir/step_<step>/
+
+``save`` takes a state dict, or the model itself: its weights are then written one module at a time
+(one shard held at once), and the adapters of a LoRA/DoRA/QLoRA model are merged onto the original
+weights read again from ``checkpoint_dir`` (``merge_onto="checkpoint"``, the default) or onto the
+model's own base weights (``merge_onto="model"``: for QLoRA, the dequantized NF4 weights).
 
 Every step folder is written to a hidden temporary folder and renamed into place, so a folder named
 ``step_<N>`` is always complete; older folders are pruned only after the new one is in place.
@@ -19,24 +24,28 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from torchft.checkpoint._io import atomic_directory, copy_support_files, refuse_nested_output, require_dir
 from torchft.checkpoint.hf import (
     drop_tied_output,
+    find_weight_files,
     load_hf_args,
     load_hf_checkpoint,
     read_hf_config,
     write_hf_weights,
     CONFIG_FILE,
 )
-from torchft.checkpoint.meta import load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights
+from torchft.checkpoint.meta import (
+    consolidated_file, load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights,
+)
 
 TRAINING_STATE_FILE = "training_state.pt"
 REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
 _STEP_DIR = re.compile(r"step_(\d+)")
+MERGE_ONTO = ("checkpoint", "model")
 
 # Adapter recipes write the PEFT adapter into ``step_<N>/adapter/``, not beside the merged weights:
 # transformers, finding ``adapter_config.json`` next to a ``config.json``, applies the adapter on top of
@@ -114,7 +123,12 @@ class _StepCheckpointer:
         keep_last_n: int | None = None,
         *,
         base_model_name_or_path: str | None = None,
+        merge_onto: str = "checkpoint",
     ):
+        if merge_onto not in MERGE_ONTO:
+            raise ValueError(f"merge_onto ({merge_onto!r}) must be 'checkpoint' (the original weights of "
+                             "checkpoint_dir) or 'model' (the model's own base weights, NF4 dequantized for QLoRA)")
+        self.merge_onto = merge_onto
         self.checkpoint_dir = require_dir(checkpoint_dir)
         refuse_nested_output(output_dir, checkpoint_dir)
         if keep_last_n is not None and keep_last_n < 1:
@@ -148,10 +162,25 @@ class _StepCheckpointer:
 
     load_training_state = staticmethod(load_training_state)
 
+    def model_weights(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(torchft key, CPU tensor)`` pairs of ``model``'s weights with its adapters merged, lazily.
+
+        For a model with LoRA/DoRA layers and ``merge_onto="checkpoint"``, every frozen weight is
+        read again (memory-mapped) from ``checkpoint_dir`` and each adapter is merged onto it: a
+        layer without an adapter is written bit-identical to the input, and a QLoRA export is
+        ``original + delta``, not the NF4 approximation. Nothing is built before it is asked for.
+        """
+        from torchft.modules.peft import get_lora_modules, iter_state_dict
+
+        base_weights = None
+        if self.merge_onto == "checkpoint" and get_lora_modules(model):
+            base_weights = self.load_model_state_dict()  # memory-mapped: pages are read as tensors are used
+        return iter_state_dict(model, merge_adapters=True, base_weights=base_weights, device="cpu")
+
     def save(
         self,
         step: int,
-        model_state_dict: Mapping[str, torch.Tensor] | None,
+        model_state_dict: Mapping[str, torch.Tensor] | torch.nn.Module | None,
         *,
         adapter_model: torch.nn.Module | None = None,
         adapter_kwargs: Mapping[str, Any] | None = None,
@@ -161,8 +190,10 @@ class _StepCheckpointer:
 
         Args:
             step: the optimizer step (the folder's number).
-            model_state_dict: full model weights with torchft keys (merged: no adapter keys), or
-                None for an adapter-only folder.
+            model_state_dict: full model weights with torchft keys (merged: no adapter keys); or
+                the model itself, written one module at a time with its adapters merged (onto the
+                original weights of ``checkpoint_dir`` unless ``merge_onto="model"``, see
+                ``model_weights``); or None for an adapter-only folder.
             adapter_model: a model with LoRA/DoRA layers; its adapter is written into
                 ``step_<N>/adapter/`` with ``save_peft_adapter(adapter_model, folder,
                 base_model_name_or_path=..., **adapter_kwargs)``; the base is named by the recorded hub
@@ -175,7 +206,9 @@ class _StepCheckpointer:
         """
         target = self.step_dir(step)
         with atomic_directory(target, overwrite=True) as tmp:
-            if model_state_dict is not None:
+            if isinstance(model_state_dict, torch.nn.Module):
+                self._write_model(self.model_weights(model_state_dict), tmp)
+            elif model_state_dict is not None:
                 self._write_model(model_state_dict, tmp)
             copy_support_files(self.checkpoint_dir, tmp)
             if adapter_model is not None:
@@ -205,6 +238,11 @@ class _StepCheckpointer:
     def _read_args(self):
         raise NotImplementedError
 
+    def check_weight_files(self) -> None:
+        """Raise FileNotFoundError naming what is missing when the input's weight files are not all
+        there (reads no weights)."""
+        raise NotImplementedError
+
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -222,6 +260,9 @@ class HFCheckpointer(_StepCheckpointer):
         max_shard_size: shard size of saved weights (``"5GB"``, ``"500MiB"`` or bytes).
         base_model_name_or_path: written into ``adapter_config.json``; defaults to the repo id
             ``tune download`` recorded in ``checkpoint_dir/.torchft_repo_id``, else None.
+        merge_onto: what ``save(step, model)`` merges adapters onto: ``"checkpoint"`` (the original
+            weights of ``checkpoint_dir``, read again) or ``"model"`` (the model's base weights; for
+            QLoRA their NF4 approximation, dequantized).
 
     A step folder holds ``model*.safetensors`` (+ index), the input's ``config.json``, the copied
     tokenizer / generation files, ``adapter_model.safetensors`` + ``adapter_config.json`` when an
@@ -229,13 +270,17 @@ class HFCheckpointer(_StepCheckpointer):
     """
 
     def __init__(self, checkpoint_dir, output_dir, keep_last_n=None, *, max_shard_size: int | str = "5GB",
-                 base_model_name_or_path: str | None = None):
-        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path)
+                 base_model_name_or_path: str | None = None, merge_onto: str = "checkpoint"):
+        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path,
+                         merge_onto=merge_onto)
         self.max_shard_size = max_shard_size
         self.hf_config = read_hf_config(self.checkpoint_dir)
 
     def _read_args(self):
         return load_hf_args(self.checkpoint_dir)
+
+    def check_weight_files(self) -> None:
+        find_weight_files(self.checkpoint_dir)  # every shard an index names must exist
 
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """torchft state dict of the input (or of a saved ``step_dir``), checked against ``model_args``."""
@@ -256,17 +301,23 @@ class MetaCheckpointer(_StepCheckpointer):
     """
 
     def __init__(self, checkpoint_dir, output_dir, keep_last_n=None, *, max_seq_len: int | None = None,
-                 base_model_name_or_path: str | None = None):
-        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path)
+                 base_model_name_or_path: str | None = None, merge_onto: str = "checkpoint"):
+        super().__init__(checkpoint_dir, output_dir, keep_last_n, base_model_name_or_path=base_model_name_or_path,
+                         merge_onto=merge_onto)
         self.max_seq_len = max_seq_len
         self.params = read_meta_params(self.checkpoint_dir)
 
     def _read_args(self):
         return load_meta_args(self.checkpoint_dir, max_seq_len=self.max_seq_len)
 
+    def check_weight_files(self) -> None:
+        consolidated_file(self.checkpoint_dir)
+
     def load_model_state_dict(self, step_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
         """torchft state dict (q/k in rotate-half layout) of the input or of a saved ``step_dir``."""
         return load_meta_checkpoint(step_dir or self.checkpoint_dir, expected=self.model_args)
 
     def _write_model(self, state_dict, folder):
-        write_meta_weights(state_dict, folder, self.params)
+        # consolidated.00.pth is one torch.save file: the weights are gathered first (originals stay memory-mapped).
+        write_meta_weights(dict(state_dict.items() if isinstance(state_dict, Mapping) else state_dict),
+                           folder, self.params)

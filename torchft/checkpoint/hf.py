@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -24,6 +24,7 @@ from torchft.checkpoint._io import (
     refuse_nested_output,
     require_dir,
     to_plain_tensor,
+    unshare_tensors,
 )
 from torchft.checkpoint.validate import check_state_dict, expected_shapes, is_adapter_key
 
@@ -268,57 +269,55 @@ def _config_dict(config: Any) -> dict | None:
     raise TypeError(f"config must be LlamaArgs, a dict or None, got {type(config).__name__}")
 
 
-def _plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Greedy split in key order; a tensor bigger than ``max_bytes`` gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
+def _flush_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(unshare_tensors(shard), path, metadata={"format": "pt"})  # transformers checks "format"
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory (e.g. an untied copy of the embedding).
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, t in tensors.items():
-        ident = (t.untyped_storage().data_ptr(), t.device.index or 0)
-        if ident in seen and t.numel() > 0:
-            t = t.clone()
-        seen.add(ident)
-        out[key] = t
-    return out
-
-
-def write_hf_weights(state_dict: Mapping[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> list[str]:
+def write_hf_weights(
+    state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    folder: Path,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
     """Write HF-named safetensors shards (+ index) into an existing folder; return the file names.
+
+    ``state_dict`` is a mapping or an iterable of ``(torchft key, tensor)`` pairs (e.g.
+    ``iter_state_dict(model)``): tensors are taken one at a time and each shard is written as soon as
+    it is full, so at most one shard (``max_shard_size``) is held at once. Shards are filled greedily
+    in key order; a tensor bigger than ``max_shard_size`` gets a shard of its own.
 
     Not atomic on its own: ``save_hf_checkpoint`` and the checkpointers call it inside a temporary folder.
     """
-    for key in state_dict:
+    max_bytes = parse_size(max_shard_size)
+    pairs = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    written: list[tuple[Path, list[str]]] = []  # (temporary shard file, its HF keys)
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+    for key, tensor in pairs:
         if is_adapter_key(key):
             raise CheckpointError(
                 f"state dict key {key} is an adapter weight: merge adapters into the base weights "
                 "first, or save them with save_peft_adapter"
             )
-    tensors = _unshare({torchft_to_hf_key(k): to_plain_tensor(v).cpu() for k, v in state_dict.items()})
-    shards = _plan_shards(tensors, parse_size(max_shard_size))
-    metadata = {"format": "pt"}  # transformers checks this entry
-    if len(shards) == 1:
-        save_file(tensors, folder / SAFETENSORS_SINGLE, metadata=metadata)
+        tensor = to_plain_tensor(tensor).cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + nbytes > max_bytes:
+            written.append((folder / f"model-{len(written) + 1:05d}.partial", list(shard)))
+            _flush_shard(shard, written[-1][0])
+            shard, shard_bytes = {}, 0
+        shard[torchft_to_hf_key(key)] = tensor
+        shard_bytes += nbytes
+        total += nbytes
+    if not written:
+        _flush_shard(shard, folder / SAFETENSORS_SINGLE)
         return [SAFETENSORS_SINGLE]
+    written.append((folder / f"model-{len(written) + 1:05d}.partial", list(shard)))
+    _flush_shard(shard, written[-1][0])
     names, weight_map = [], {}
-    for i, keys in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, folder / name, metadata=metadata)
+    for i, (path, keys) in enumerate(written, start=1):
+        name = f"model-{i:05d}-of-{len(written):05d}.safetensors"  # the count is known only now
+        os.rename(path, folder / name)
         names.append(name)
         weight_map.update({k: name for k in keys})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names + [SAFETENSORS_INDEX]
@@ -336,11 +335,17 @@ def write_hf_config(config: Any, folder: Path, state_dict: Mapping[str, torch.Te
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def drop_tied_output(state_dict: Mapping[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    """Without ``lm_head.weight`` when the config ties embeddings (the HF files of a tied model lack it)."""
+def drop_tied_output(state_dict, config: Any):
+    """Without ``lm_head.weight`` when the config ties embeddings (the HF files of a tied model lack it).
+
+    A mapping gives a dict; an iterable of ``(key, tensor)`` pairs gives a lazy iterable of pairs.
+    """
     config = _config_dict(config)
+    tied = bool(config and config.get("tie_word_embeddings", False))
+    if not isinstance(state_dict, Mapping):
+        return ((k, v) for k, v in state_dict if not (tied and k == "lm_head.weight"))
     state_dict = dict(state_dict)
-    if config and config.get("tie_word_embeddings", False):
+    if tied:
         state_dict.pop("lm_head.weight", None)
     return state_dict
 

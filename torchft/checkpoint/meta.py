@@ -226,7 +226,9 @@ def _ffn_params(dim: int, intermediate_size: int) -> dict:
 # loading
 
 
-def _consolidated_file(folder: Path) -> Path:
+def consolidated_file(folder: str | os.PathLike) -> Path:
+    """The one ``consolidated.*.pth`` of a Meta folder; errors name the folder and the rule."""
+    folder = Path(folder)
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{folder / CONSOLIDATED_FILE}: no consolidated.*.pth file found")
@@ -257,7 +259,7 @@ def load_meta_args(checkpoint_dir: str | os.PathLike, *, max_seq_len: int | None
 
     folder = require_dir(checkpoint_dir)
     params = read_meta_params(folder)
-    weights = _read_consolidated(_consolidated_file(folder))
+    weights = _read_consolidated(consolidated_file(folder))
     return LlamaArgs.from_hf_config(meta_params_to_hf_config(
         params, vocab_size=_vocab_size(weights), tie_word_embeddings=_is_tied(weights), max_seq_len=max_seq_len))
 
@@ -287,7 +289,7 @@ def load_meta_checkpoint(
     ``output.weight`` is dropped (the output reuses ``embed_tokens.weight``).
     """
     folder = require_dir(checkpoint_dir)
-    path = _consolidated_file(folder)
+    path = consolidated_file(folder)
     params = read_meta_params(folder)
     raw = _read_consolidated(path)
     n_heads = params["n_heads"]

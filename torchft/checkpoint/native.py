@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from torchft.checkpoint._io import CheckpointError, to_plain_tensor
+from torchft.checkpoint._io import CheckpointError, atomic_file, to_plain_tensor, unshare_tensors
 from torchft.checkpoint.validate import check_state_dict, is_adapter_key
 
 FORMAT_KEY = "torchft_format"
@@ -31,26 +30,10 @@ def save_native_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | o
     """
     path = Path(path)
     config = config if isinstance(config, Mapping) else config.to_hf_config()
-    tensors = {k: to_plain_tensor(v).cpu() for k, v in state_dict.items()}
-    # safetensors refuses tensors that share memory; store a separate copy of each repeat.
-    seen: set[int] = set()
-    for key, tensor in tensors.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen and tensor.numel():
-            tensors[key] = tensor.clone()
-        seen.add(ptr)
+    tensors = unshare_tensors({k: to_plain_tensor(v).cpu() for k, v in state_dict.items()})
     metadata = {"format": "pt", FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: json.dumps(dict(config), sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from torchft.checkpoint._io import CheckpointError
+from torchft.checkpoint._io import CheckpointError, atomic_file
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -98,21 +97,6 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 # ---- save --------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then ``os.replace`` into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_peft_adapter(
     model: nn.Module,
     adapter_dir: str | os.PathLike,
@@ -157,9 +141,10 @@ def save_peft_adapter(
     }
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(adapter_dir / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(adapter_dir / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    with atomic_file(adapter_dir / ADAPTER_WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_file(adapter_dir / ADAPTER_CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return adapter_dir
 
 

@@ -7,7 +7,7 @@ import sys
 from torchft import registry
 from torchft.cli._common import add_subcommand
 from torchft.config._load import load_config
-from torchft.config._validate import validate
+from torchft.config._validate import checkpoint_problems, validate
 
 EPILOG = """\
 examples:
@@ -16,7 +16,10 @@ examples:
 
 checks: every _component_ imports and its arguments bind to its signature (arguments the recipe passes
 itself, such as the optimizer's params, are not asked for), ${...} interpolations resolve, no ??? is
-left, and, when the recipe is known, no top-level key is unknown to it.
+left, and, when the recipe is known, no top-level key is unknown to it. For a fine-tuning config, the
+checkpoint folder (checkpointer.checkpoint_dir) must exist and hold its config and weight files, and the
+model the config builds must have its architecture (read from config.json; no weight is loaded);
+--skip-checkpoint leaves the folder out (e.g. before downloading the model).
 exit status: 0 when valid, 1 when a problem was found (each printed on its own line).
 """
 
@@ -35,6 +38,8 @@ def register(subparsers) -> None:
         "--recipe",
         help="recipe whose keys to check against (default: the recipe a shipped config is registered under)",
     )
+    parser.add_argument("--skip-checkpoint", action="store_true",
+                        help="do not look at checkpointer.checkpoint_dir (files, architecture)")
     parser.set_defaults(func=main)
 
 
@@ -49,6 +54,11 @@ def main(args: argparse.Namespace) -> int:
         accepted_keys=registry.accepted_keys(recipe) if recipe else None,
         runtime_args=recipe.runtime_args if recipe else None,
     )
+    if not args.skip_checkpoint:
+        # Only for nodes without problems of their own (they would fail to build for the same reason).
+        faulty = {problem.split(":")[0].split(".")[0] for problem in problems}
+        if "checkpointer" not in faulty:
+            problems += checkpoint_problems(cfg, compare_model="model" not in faulty)
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
         print(f"tune validate: {args.config}: {len(problems)} {noun}", file=sys.stderr)

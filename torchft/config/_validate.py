@@ -8,10 +8,12 @@ What is checked, all problems collected before returning:
    required argument left out, except the ones the recipe passes at call time (see ``RUNTIME_ARGS``);
 4. with ``accepted_keys`` (a recipe's top-level keys, see ``torchft.registry``): no unknown top-level key.
 
-Nothing is instantiated, so validating a 70B config costs only the imports.
+Nothing is instantiated, so validating a 70B config costs only the imports. ``checkpoint_problems``
+(what ``tune validate`` adds) also looks at the checkpoint the config loads.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig
@@ -119,3 +121,51 @@ def validate(
             if problem:
                 problems.append(problem)
     return problems
+
+
+def checkpoint_problems(cfg: DictConfig, *, compare_model: bool = True) -> list[str]:
+    """Problems with the checkpoint a fine-tuning config loads (none when it has no ``checkpointer``).
+
+    ``checkpointer.checkpoint_dir`` must exist and hold its config (``config.json`` / ``params.json``)
+    and every weight file, and the model ``cfg.model`` builds must have the checkpoint's architecture.
+    The model is built on ``meta`` and the checkpoint's shapes come from its config: no weight is read.
+    ``compare_model=False`` checks the folder only.
+    """
+    import torch
+
+    from torchft.config._instantiate import instantiate
+    from torchft.training.setup import check_same_architecture
+
+    node = cfg.get("checkpointer") if isinstance(cfg, DictConfig) else None
+    if not isinstance(node, DictConfig) or COMPONENT_KEY not in node or "checkpoint_dir" not in node:
+        return []
+    try:
+        checkpoint_dir = node.checkpoint_dir
+    except Exception:
+        return []  # an interpolation that does not resolve: reported by validate()
+    if checkpoint_dir is None:
+        return []
+    where = "checkpointer.checkpoint_dir"
+    if not Path(checkpoint_dir).is_dir():
+        if cfg.get("base_model") is not None:
+            return []  # the quickstart's base_model node writes this folder when the run starts
+        return [f"{where} ({checkpoint_dir}): folder does not exist (download the model there, e.g. "
+                f"`tune download REPO_ID --output-dir {checkpoint_dir}`, or set {where}=PATH)"]
+    try:
+        checkpointer = instantiate(node)
+        checkpointer.check_weight_files()
+        checkpoint_args = checkpointer.model_args
+    except Exception as err:  # the checkpoint's own errors name the file and the rule
+        return [f"{where}: {err}"]
+    if not compare_model or not isinstance(cfg.get("model"), DictConfig) or COMPONENT_KEY not in cfg.model:
+        return []
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model)
+    except Exception as err:
+        return [f"model: cannot build it on the meta device to compare with the checkpoint ({err})"]
+    try:
+        check_same_architecture(model.args, checkpoint_args, checkpoint_dir)
+    except ValueError as err:
+        return [str(err)]
+    return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position not trained on (cross-entropy's ignore_index); the one definition
 
 
 def padded_collate(batch: list[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int = 1) -> dict:

@@ -25,13 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from torchft.data.messages import Message
+from torchft.data.collate import IGNORE_INDEX  # labels not trained on
 from torchft.data.sources import load_rows
 from torchft.data.templates import render_instruct
 from torchft.data.token_store import TokenStore
 
 logger = logging.getLogger("torchft.data")
 
-IGNORE_INDEX = -100
 _BATCH_ROWS = 512
 
 

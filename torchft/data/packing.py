@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from torchft.data.collate import IGNORE_INDEX  # labels not trained on
 
 
 def greedy_pack_boundaries(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:

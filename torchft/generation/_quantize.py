@@ -20,7 +20,6 @@ device and assigns the saved tensors, so the loaded model runs the same quantize
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -109,6 +108,8 @@ def save_quantized(model: nn.Module, output_dir: str | Path, *, scheme: str, gro
     """
     import torchao
 
+    from torchft.checkpoint._io import commit_directory
+
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(f".{output_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,9 +127,7 @@ def save_quantized(model: nn.Module, output_dir: str | Path, *, scheme: str, gro
     if not (tmp / "config.json").is_file() and hasattr(model, "args"):
         # A model built in memory: describe it from its dimensions, as transformers would.
         (tmp / "config.json").write_text(json.dumps(model.args.to_hf_config(), indent=2) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    commit_directory(tmp, output_dir)  # flushed, renamed over any previous folder, parent flushed
     return output_dir
 
 

@@ -1,6 +1,5 @@
 """``torch.compile`` applied per decoder layer: compile time stays that of one layer, and the
 layers (identical code) share one compiled graph."""
-import torch
 from torch import nn
 
 
@@ -17,8 +16,3 @@ def compile_layers(model: nn.Module, layer_cls: type[nn.Module] | None = None) -
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def maybe_compile(fn, enabled: bool):
-    """``torch.compile(fn)`` when enabled (the loss), else ``fn`` unchanged."""
-    return torch.compile(fn) if enabled else fn

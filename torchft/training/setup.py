@@ -38,7 +38,10 @@ def check_same_architecture(model_args, checkpoint_args, checkpoint_dir) -> None
              for name in _ARCHITECTURE_FIELDS if getattr(model_args, name) != getattr(checkpoint_args, name)]
     if diffs:
         raise ValueError(f"checkpointer.checkpoint_dir ({checkpoint_dir}) holds another architecture than the "
-                         f"config's model (model vs checkpoint: {', '.join(diffs)})")
+                         f"config's model (model vs checkpoint: {', '.join(diffs)}); point it at a checkpoint of "
+                         f"this model, or build the model from the folder's config.json with the overrides "
+                         f"model=torchft.models.from_hf_config +model.path_or_dict={checkpoint_dir} "
+                         f"(and +model.quantize_base=true for QLoRA)")
 
 
 def check_tokenizer_fits(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_path) -> None:

@@ -189,3 +189,32 @@ def test_builder_rejects_unknown_target():
 
     with pytest.raises(ValueError, match=r"unknown LoRA target module 'qkv'.*valid names: q_proj k_proj v_proj o_proj"):
         llama(64, 1, 4, 2, 64, 128, 32, lora_attn_modules=["qkv"])
+
+
+def _saved_for_backward_bytes(module, x) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward of ``module(x)``."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x).sum().backward()
+    return sum(saved.values())
+
+
+def test_dora_keeps_no_in_by_in_tensor_for_backward():
+    # The weight norm is detached: computing it must leave nothing of size [in, in] (nor [out, in]) in the graph.
+    torch.manual_seed(0)
+    in_dim, out_dim, tokens = 1024, 64, 8
+    layer = DoRALinear(in_dim, out_dim, rank=4, alpha=8)
+    x = torch.randn(1, tokens, in_dim)
+    saved = _saved_for_backward_bytes(layer, x)
+    lora = LoRALinear(in_dim, out_dim, rank=4, alpha=8)
+    assert saved < in_dim * in_dim * 4 / 16  # 4 MB before: the identity matrix through lora_a
+    # What DoRA keeps beyond LoRA scales with the tokens and out_dim only (the base output, the scale).
+    assert saved - _saved_for_backward_bytes(lora, x) <= 4 * (2 * tokens * out_dim + 2 * out_dim) + 1024

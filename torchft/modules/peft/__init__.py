@@ -9,6 +9,7 @@ torchao is imported only when NF4 is used.
 from torchft.modules.peft.dora import DoRALinear
 from torchft.modules.peft.frozen_linear import FrozenLinear, FrozenNF4Linear
 from torchft.modules.peft.lora import LORA_ATTN_MODULES, LoRALinear, validate_lora_hparams, validate_lora_targets
+from torchft.modules.peft.merge import iter_state_dict, merge_adapter_weight
 from torchft.modules.peft.utils import (
     disable_adapter,
     get_adapter_params,
@@ -39,8 +40,10 @@ __all__ = [
     "get_merged_state_dict",
     "initialize_adapters",
     "initialize_dora_magnitudes",
+    "iter_state_dict",
     "load_adapter_state_dict",
     "load_base_state_dict",
+    "merge_adapter_weight",
     "set_trainable_params",
     "state_dict_keys",
     "validate_lora_hparams",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchft.modules.peft.lora import LoRALinear
+from torchft.modules.peft.merge import merge_adapter_weight
 
 
 def _refresh_magnitude_after_load(module: "DoRALinear", incompatible_keys) -> None:
@@ -76,12 +77,10 @@ class DoRALinear(LoRALinear):
         else:
             self.magnitude.copy_(norm)
 
-    def merged_weight(self) -> torch.Tensor:
-        """``magnitude * (W + s B A) / ||W + s B A||`` [out_dim, in_dim], in the base weight's dtype."""
-        base = self.dequantized_weight()
-        adapted = base.float() + self.lora_delta()
-        scale = self.magnitude.float() / torch.linalg.norm(adapted, dim=1)  # [out_dim]
-        return (scale[:, None] * adapted).to(base.dtype)
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``magnitude * (W + s B A) / ||W + s B A||`` [out_dim, in_dim], in ``W``'s dtype (``W`` as in LoRALinear)."""
+        base = self.dequantized_weight() if base is None else base
+        return merge_adapter_weight(base, self.lora_a.weight, self.lora_b.weight, self.scaling, self.magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_dim] -> [..., out_dim]"""
@@ -91,11 +90,14 @@ class DoRALinear(LoRALinear):
         x_adapter = self.dropout(x)
         lora_out = self.lora_b(self.lora_a(x_adapter))  # [..., out_dim]
 
-        # B A through the modules (not weight @ weight), so parameter hooks such as FSDP's run.
-        eye = torch.eye(self.in_dim, device=x.device, dtype=self.lora_a.weight.dtype)  # [in, in]
-        lora_weight = self.lora_b(self.lora_a(eye)).T.to(x.dtype)  # [out, in]
-        weight = self.dequantized_weight().to(x.dtype)  # [out, in]
-        weight_norm = self._weight_norm(weight, lora_weight.detach()).detach()  # [out]
+        # The norm is detached (see the module docstring), so it is computed without a graph: no
+        # [out, in] temporaries are kept for backward. The weights are read inside this module's
+        # forward, where FSDP2 has already gathered them.
+        with torch.no_grad():
+            lora_weight = (self.lora_b.weight @ self.lora_a.weight).to(x.dtype)  # [out, r] @ [r, in] -> [out, in]
+            weight = self.dequantized_weight().to(x.dtype)  # [out, in]
+            weight_norm = self._weight_norm(weight, lora_weight)  # [out]
+            del lora_weight, weight
         mag_norm_scale = self.magnitude / weight_norm  # [out]
 
         # base_out = W x + bias; DoRA rescales the W x part only. With active dropout the

@@ -103,10 +103,16 @@ class LoRALinear(FrozenLinear):
         """The scaled update ``(alpha / rank) * B @ A`` [out_dim, in_dim], in fp32."""
         return self.scaling * (self.lora_b.weight.float() @ self.lora_a.weight.float())
 
-    def merged_weight(self) -> torch.Tensor:
-        """``W + (alpha / rank) * B @ A`` [out_dim, in_dim], in the base weight's dtype."""
-        base = self.dequantized_weight()
-        return (base.float() + self.lora_delta()).to(base.dtype)
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``W + (alpha / rank) * B @ A`` [out_dim, in_dim], in ``W``'s dtype and on its device.
+
+        ``W`` is ``base`` when given (e.g. the original weight this layer's NF4 weight was made from),
+        else this layer's own (dequantized) weight.
+        """
+        from torchft.modules.peft.merge import merge_adapter_weight
+
+        base = self.dequantized_weight() if base is None else base
+        return merge_adapter_weight(base, self.lora_a.weight, self.lora_b.weight, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_dim] -> [..., out_dim]"""

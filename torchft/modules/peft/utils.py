@@ -10,6 +10,7 @@ from torch import nn
 from torchft.modules.peft import _nf4
 from torchft.modules.peft.dora import DoRALinear
 from torchft.modules.peft.lora import LoRALinear
+from torchft.modules.peft.merge import iter_state_dict
 
 
 def get_lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -89,14 +90,9 @@ def get_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     LoRA: ``W + (alpha / rank) * B @ A``; DoRA: ``magnitude * (W + s B A) / ||W + s B A||``. NF4 base
     weights are dequantized. The result loads into a plain (non-LoRA) model of the same dimensions.
+    To merge onto the original weights instead, or one module at a time, see ``iter_state_dict``.
     """
-    state_dict = model.state_dict()  # NF4 weights come out dequantized (FrozenLinear's hook)
-    with torch.no_grad():
-        for module_name, module in get_lora_modules(model).items():
-            for name in module.adapter_param_names():
-                state_dict.pop(_join(module_name, name), None)
-            state_dict[_join(module_name, "weight")] = module.merged_weight()
-    return state_dict
+    return dict(iter_state_dict(model, merge_adapters=True, include_tied=True))
 
 
 def state_dict_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,59 @@
+"""The one atomic write: contents flushed, renamed into place, then the parent folder flushed."""
+import os
+
+import pytest
+
+from torchft.checkpoint._io import atomic_directory, atomic_file
+
+
+@pytest.fixture
+def events(monkeypatch):
+    """What is fsynced (by path) and renamed, in order."""
+    log = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        log.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        log.append(("rename", os.path.realpath(dst)))
+        real_rename(src, dst)
+
+    def replace(src, dst):
+        log.append(("rename", os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+def _renamed_then_parent_synced(log, target):
+    target, parent = os.path.realpath(target), os.path.realpath(os.path.dirname(target))
+    last_rename = max(i for i, event in enumerate(log) if event == ("rename", target))
+    return ("fsync", parent) in log[last_rename + 1:]
+
+
+def test_folder_rename_is_followed_by_an_fsync_of_the_parent(tmp_path, events):
+    for overwrite in (False, True):
+        with atomic_directory(tmp_path / "out" / "step_1", overwrite=overwrite) as tmp:
+            (tmp / "weights.bin").write_bytes(b"1234")
+        assert (tmp_path / "out" / "step_1" / "weights.bin").read_bytes() == b"1234"
+        assert _renamed_then_parent_synced(events, tmp_path / "out" / "step_1")
+        events.clear()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["step_1"]  # nothing left aside
+
+
+def test_file_write_is_flushed_renamed_and_the_parent_synced(tmp_path, events):
+    target = tmp_path / "adapter_config.json"
+    target.write_text("old")
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert _renamed_then_parent_synced(events, target)
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]
