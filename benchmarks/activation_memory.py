@@ -21,17 +21,11 @@ from pathlib import Path
 
 import torch
 
+from peer_harness import peer_harness_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _peer_harness_dir() -> Path:
-    """The shared peer harness (bench_peers.py): $PEER_HARNESS_DIR, or shared/bench beside or above the repo."""
-    candidates = [os.environ.get("PEER_HARNESS_DIR", ""), REPO / "shared" / "bench",
-                  REPO.parent / "shared" / "bench", REPO.parent.parent / "shared" / "bench"]
-    return next((Path(c) for c in candidates if c and (Path(c) / "bench_peers.py").is_file()), Path(candidates[1]))
-
-
-PEER_HARNESS_DIR = _peer_harness_dir()
+PEER_HARNESS_DIR = peer_harness_dir()
 
 # Decoder-layer shapes of Llama-3.2-1B and Llama-3.1-8B (vocabulary kept small: it cancels out).
 LAYER_SHAPES = {
