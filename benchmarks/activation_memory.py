@@ -8,6 +8,7 @@ LoRA rank 16 on every linear layer of the decoder, 1 x 512 tokens) and the figur
 
     python benchmarks/activation_memory.py                  # torchft, torchtune, HF+PEFT; 1B and 8B shapes
     python benchmarks/activation_memory.py --peer torchft --shape 1b --ac
+    python benchmarks/activation_memory.py --shapes 1b --modes compiled   # part of the table
 
 torchtune is measured when it imports (``TORCHTUNE_PYTHON=/path/to/python`` names an interpreter
 that has it; each peer runs in its own process). Prints one JSON line per figure, then a table.
@@ -144,7 +145,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--ac", action="store_true", help="with activation checkpointing")
     parser.add_argument("--compiled", action="store_true", help="torch.compile each decoder layer")
-    parser.add_argument("--no-compiled", action="store_true", help="skip the compiled rows of the table")
+    parser.add_argument("--shapes", nargs="+", choices=["1b", "8b"], default=["1b", "8b"], help="table: layer shapes")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
+                        help="table: eager and/or compiled layers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -158,8 +161,8 @@ def main() -> None:
     pythons = {"torchft": sys.executable, "hf_peft": sys.executable,
                "torchtune": os.environ.get("TORCHTUNE_PYTHON", sys.executable)}
     rows = []
-    for shape in ("1b", "8b"):
-        for compiled in (False,) if args.no_compiled else (False, True):
+    for shape in args.shapes:
+        for compiled in [mode == "compiled" for mode in args.modes]:
             for checkpointing in (False, True):
                 for peer in PEERS:
                     row = _measure_in_subprocess(pythons[peer], peer, shape, args.tokens, checkpointing, compiled)

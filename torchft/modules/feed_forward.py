@@ -133,17 +133,22 @@ class FeedForward(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s, dim] -> gate, up: [b, s, intermediate] -> [b, s, dim]
         gate, up = self.gate_proj(x), self.up_proj(x)
-        plain = (not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad)
-                 or not self.recompute_product or torch.compiler.is_compiling())
-        if plain:  # compiled graphs choose what to recompute themselves
+        if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product:
             return self.down_proj(F.silu(gate) * up)
+        return self._down_of_recomputed_product(gate, up)
+
+    @torch.compiler.disable  # saved-tensor hooks run eagerly (a compiled graph would store the product)
+    def _down_of_recomputed_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         product = _SiluMul.apply(gate, up)
         with recompute_when_saved(product, _silu_mul, gate, up):
             return self.down_proj(product)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s, dim] -> [b, s, dim]
-        tiled = self.tile_tokens is not None and x.shape[1] > self.tile_tokens and torch.is_grad_enabled()
-        if tiled and not torch.compiler.is_compiling():
-            return _TiledMLP.apply(x, self, self.tile_tokens, *self._trainable())
+        if self.tile_tokens is not None and x.shape[1] > self.tile_tokens and torch.is_grad_enabled():
+            return self._tiled(x)
         return self._swiglu(x)
+
+    @torch.compiler.disable  # the tile loop and its recompute in backward run eagerly
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        return _TiledMLP.apply(x, self, self.tile_tokens, *self._trainable())
