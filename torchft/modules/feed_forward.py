@@ -56,7 +56,8 @@ def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor
     storage = target.untyped_storage().data_ptr()
 
     def pack(t):
-        if t.untyped_storage().data_ptr() == storage and t.dtype == target.dtype:
+        # (tensor subclasses such as NF4 weights have no plain storage and are never the target)
+        if type(t) is torch.Tensor and t.untyped_storage().data_ptr() == storage and t.dtype == target.dtype:
             offset = t.storage_offset() - target.storage_offset()
             return _Recipe([outer_pack(s) for s in sources], t.size(), t.stride(), offset)
         return outer_pack(t)

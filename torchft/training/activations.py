@@ -123,9 +123,11 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
     def _pack(self, t: torch.Tensor):
+        # parameters and tensor subclasses (NF4 weights) stay where they are
+        if type(t) is not torch.Tensor or t.device != self.device or not t.is_floating_point():
+            return t
         storage = t.untyped_storage()
-        if (t.device != self.device or not t.is_floating_point() or isinstance(t, nn.Parameter)
-                or storage.nbytes() < self.min_bytes):
+        if storage.nbytes() < self.min_bytes:
             return t
         entry = self._by_storage.get(storage.data_ptr())
         if entry is None or entry.source() is None or entry.source().untyped_storage().data_ptr() != storage.data_ptr():
