@@ -85,3 +85,33 @@ def test_tiled_mlp_setting_keeps_the_step_equal_and_the_mlp_memory_per_tile():
     assert plain_largest == 64 * 128 and tiled_largest == 64 * 64  # [s, intermediate] no longer kept
     with pytest.raises(ValueError, match=r"tile_tokens \(0\) must be >= 1"):
         apply_tiled_mlp(model, 0)
+
+
+def test_the_loss_runs_outside_the_offload_context(monkeypatch):
+    """Offloading holds only the model's saved tensors: the loss's chunks are never copied to the host."""
+    from torchft.modules.loss import ChunkedCrossEntropy, output_params
+    from torchft.training import steps
+
+    inside = []
+
+    @contextlib.contextmanager
+    def recording_offload(enabled, device):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    class RecordingLoss(ChunkedCrossEntropy):
+        calls_inside = []
+
+        def __call__(self, *args, **kwargs):
+            self.calls_inside.append(bool(inside))
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "activation_offloading", recording_offload)
+    model = _tiny_lora_model(checkpointing=True)
+    batch = {"tokens": torch.randint(0, 100, (1, 16)), "labels": torch.randint(0, 100, (1, 16))}
+    loss_fn = RecordingLoss(chunk_tokens=8)
+    steps.forward_backward(model, [batch], loss_fn, output_params(model), offload_activations=True)
+    assert loss_fn.calls_inside == [False]
