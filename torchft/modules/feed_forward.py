@@ -44,6 +44,25 @@ class _Recipe:
         self.sources, self.size, self.stride, self.offset = sources, size, stride, offset
 
 
+_UNKNOWN = object()
+
+
+def _active_saved_tensors_hooks():
+    """The innermost active (pack, unpack) pair, None when none, ``_UNKNOWN`` where torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return _UNKNOWN
+    try:
+        return top(False)
+    except TypeError:  # releases whose version takes no argument
+        return top()
+
+
+def can_recompute_when_saved() -> bool:
+    """Whether :func:`recompute_when_saved` can stack on the hooks active now."""
+    return _active_saved_tensors_hooks() is not _UNKNOWN
+
+
 def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor):
     """saved_tensors_hooks under which any saved view of ``target`` is stored as ``sources``
     (which autograd keeps anyway) and rebuilt in backward as ``recompute(*sources)``.
@@ -51,7 +70,7 @@ def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor
     Hooks already active (accounting, offloading) still see every tensor: they pack the sources in
     place of ``target``, and everything else as before.
     """
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer = _active_saved_tensors_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
     storage = target.untyped_storage().data_ptr()
 
@@ -134,7 +153,8 @@ class FeedForward(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s, dim] -> gate, up: [b, s, intermediate] -> [b, s, dim]
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product:
+        if (not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product
+                or not can_recompute_when_saved()):
             return self.down_proj(F.silu(gate) * up)
         return self._down_of_recomputed_product(gate, up)
 
