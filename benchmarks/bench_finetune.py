@@ -164,7 +164,8 @@ def _peer_rows(variant: str, lines: list[dict]) -> list[dict]:
     return rows
 
 
-def run_peers(variants: list[str], tiny: bool, pythonpath: str | None = None, timeout_s: float = 240) -> list[dict]:
+def run_peers(variants: list[str], tiny: bool, pythonpath: str | None = None, timeout_s: float = 240,
+              deadline: float | None = None) -> list[dict]:
     """The peer variants through the shared harness: each in its own process (fresh memory) on a GPU,
     all in one process for the toy CPU run. ``pythonpath`` is prepended for the peers only (torchtune
     and the torchao it needs, kept apart from torchft's)."""
@@ -178,11 +179,15 @@ def run_peers(variants: list[str], tiny: bool, pythonpath: str | None = None, ti
     groups = [variants] if tiny else [[v] for v in variants]
     results = []
     for group in groups:
+        limit = timeout_s if deadline is None else min(timeout_s, deadline - time.perf_counter())
+        if limit < 20:
+            results += [dict(peer=v, skipped="left out: the suite's time budget was spent") for v in group]
+            continue
         cmd = [sys.executable, str(PEER_HARNESS), *(["--tiny"] if tiny else []), *group]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
         except subprocess.TimeoutExpired:
-            results += [dict(peer=v, skipped=f"timed out after {timeout_s:.0f} s") for v in group]
+            results += [dict(peer=v, skipped=f"timed out after {limit:.0f} s") for v in group]
             continue
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
@@ -194,16 +199,18 @@ def run_peers(variants: list[str], tiny: bool, pythonpath: str | None = None, ti
 
 # The suite: every workload at torchft's best settings (with and without AC where memory is the point),
 # the peers' best settings beside it, then batch-1 decode.
+# Most telling first: when the time budget runs out, what is left out is the least needed.
 SUITE = {
-    "lora_1b": ([("compiled", True, False)], ["hf_peft_lora", "tt_lora_best", "tt_lora_best_ckpt"]),
-    "qlora_8b": ([("compiled", True, False), ("compiled + AC", True, True)],
-                 ["tt_qlora_8b_best", "tt_qlora_8b_best_ckpt"]),
-    "full_1b": ([("compiled", True, False)], ["hf_full", "tt_full_best"]),
+    "lora_1b": ([("compiled", True, False)], ["tt_lora_best", "hf_peft_lora"]),
+    "qlora_8b": ([("compiled + AC", True, True), ("compiled", True, False)],
+                 ["tt_qlora_8b_best_ckpt", "tt_qlora_8b_best"]),
+    "full_1b": ([("compiled", True, False)], ["tt_full_best", "hf_full"]),
 }
+SUITE_BUDGET_S = 480  # the suite must end within 8 minutes on one GPU, compilation included
 DECODE_SHAPES = ("1b", "8b")
 
 
-def run_decode(tiny: bool, timeout_s: float = 240) -> list[dict]:
+def run_decode(tiny: bool, timeout_s: float = 240, deadline: float | None = None) -> list[dict]:
     """Batch-1 greedy decode rows (benchmarks/bench_decode.py): torchft compiled vs transformers."""
     if tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,15 +220,19 @@ def run_decode(tiny: bool, timeout_s: float = 240) -> list[dict]:
     else:
         results = []
         for shape in DECODE_SHAPES:
+            limit = timeout_s if deadline is None else min(timeout_s, deadline - time.perf_counter())
+            if limit < 20:
+                results.append(dict(shape=shape, error="left out: the suite's time budget was spent"))
+                continue
             cmd = [sys.executable, str(Path(__file__).with_name("bench_decode.py")), "--shape", shape,
                    "--device", "cuda", "--dtype", "bf16", "--compile", "--new-tokens", "128", "--repeats", "3",
                    "--json"]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
                 lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
                 results.append(lines[-1] if lines else dict(shape=shape, error=proc.stderr[-300:]))
             except subprocess.TimeoutExpired:
-                results.append(dict(shape=shape, error=f"timed out after {timeout_s:.0f} s"))
+                results.append(dict(shape=shape, error=f"timed out after {limit:.0f} s"))
     rows = []
     for result in results:
         workload = f"decode_{result['shape']}"
@@ -304,6 +315,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
+    deadline = started + SUITE_BUDGET_S if args.suite else None
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     tiny = device.type == "cpu"
     seq, warmup, steps = (64, 1, 3) if tiny else (2048, 3, 10)
@@ -318,6 +330,10 @@ def main() -> None:
         if tiny:  # compiling on a CPU takes minutes and says nothing about GPU speed: eager only
             settings = list({("eager + AC" if ac else "eager", False, ac): None for _, _, ac in settings})
         for label, compile_layers, checkpointing in settings:
+            if deadline is not None and time.perf_counter() > deadline - 20:
+                rows.append(dict(peer="torchft", workload=workload, settings=label,
+                                 skipped="left out: the suite's time budget was spent"))
+                continue
             try:
                 row = measure_torchft(workload, label, compile_layers, checkpointing, seq, warmup, steps, device)
             except torch.OutOfMemoryError:
@@ -325,12 +341,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
         if not args.no_peers:
-            for row in run_peers(peers, tiny, args.peer_pythonpath):
+            for row in run_peers(peers, tiny, args.peer_pythonpath, deadline=deadline):
                 row["workload"] = workload
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.suite:
-        for row in run_decode(tiny):
+        for row in run_decode(tiny, deadline=deadline):
             print(json.dumps(row), flush=True)
             rows.append(row)
 
