@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchft.modules.recompute import can_recompute_when_saved, recompute_when_saved
+
 
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up that saves only gate and up (silu and its derivative are recomputed)."""
@@ -35,60 +37,6 @@ class _SiluMul(torch.autograd.Function):
         grad_gate = grad_out * up * (sig * (1 + gate * (1 - sig))) if ctx.needs_input_grad[0] else None
         grad_up = grad_out * silu if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up
-
-
-class _Recipe:
-    """Stands for a saved view of a recomputable tensor: its (packed) sources and the view's geometry."""
-
-    def __init__(self, sources, size, stride, offset):
-        self.sources, self.size, self.stride, self.offset = sources, size, stride, offset
-
-
-_UNKNOWN = object()
-
-
-def _active_saved_tensors_hooks():
-    """The innermost active (pack, unpack) pair, None when none, ``_UNKNOWN`` where torch cannot say."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return _UNKNOWN
-    try:
-        return top(False)
-    except TypeError:  # releases whose version takes no argument
-        return top()
-
-
-def can_recompute_when_saved() -> bool:
-    """Whether :func:`recompute_when_saved` can stack on the hooks active now."""
-    return _active_saved_tensors_hooks() is not _UNKNOWN
-
-
-def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor):
-    """saved_tensors_hooks under which any saved view of ``target`` is stored as ``sources``
-    (which autograd keeps anyway) and rebuilt in backward as ``recompute(*sources)``.
-
-    Hooks already active (accounting, offloading) still see every tensor: they pack the sources in
-    place of ``target``, and everything else as before.
-    """
-    outer = _active_saved_tensors_hooks()
-    outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
-    storage = target.untyped_storage().data_ptr()
-
-    def pack(t):
-        # (tensor subclasses such as NF4 weights have no plain storage and are never the target)
-        if type(t) is torch.Tensor and t.untyped_storage().data_ptr() == storage and t.dtype == target.dtype:
-            offset = t.storage_offset() - target.storage_offset()
-            return _Recipe([outer_pack(s) for s in sources], t.size(), t.stride(), offset)
-        return outer_pack(t)
-
-    def unpack(packed):
-        if isinstance(packed, _Recipe):
-            with torch.no_grad():
-                full = recompute(*[outer_unpack(s) for s in packed.sources]).contiguous()
-            return full.as_strided(packed.size, packed.stride, packed.offset)
-        return outer_unpack(packed)
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

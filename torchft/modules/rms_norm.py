@@ -1,6 +1,5 @@
 """Root-mean-square layer norm, as Llama uses it."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -9,13 +8,18 @@ def _normalize(x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     return (x.float() * rstd).to(x.dtype)
 
 
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., dim] -> 1 / rms(x): [..., 1] fp32
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """``weight * (x / rms(x))`` that keeps ``x`` in its own dtype (bf16, not an fp32 copy) and the
     fp32 reciprocal RMS (one value per token) for backward, which recomputes in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+        rstd = _rstd(x, eps)  # [..., 1] fp32
         ctx.save_for_backward(x, weight, rstd)
         return weight * _normalize(x, rstd)
 
@@ -56,7 +60,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., dim]
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            # compiled graphs choose what to save themselves
-            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-            return self.weight * normed.to(x.dtype)
+            # compiled graphs choose what to save themselves; the same arithmetic as the function's
+            # forward, so a recomputed output equals the stored one bit for bit
+            return self.weight * _normalize(x, _rstd(x, self.eps))
         return _RMSNormFunction.apply(x, self.weight, self.eps)

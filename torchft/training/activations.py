@@ -30,9 +30,10 @@ def apply_activation_checkpointing(model: nn.Module, layer_cls: type[nn.Module] 
         raise ValueError(f"activation checkpointing found no {layer_cls.__name__} in the model")
     for layer in layers:
         checkpoint(layer)
-        for module in layer.modules():
-            if hasattr(module, "recompute_product"):  # the whole layer is recomputed: no partial recompute
-                module.recompute_product = False
+        for module in layer.modules():  # the whole layer is recomputed: no partial recompute inside
+            for flag in ("recompute_product", "recompute_norms"):
+                if hasattr(module, flag):
+                    setattr(module, flag, False)
     return len(layers)
 
 
