@@ -115,3 +115,15 @@ def test_the_loss_runs_outside_the_offload_context(monkeypatch):
     loss_fn = RecordingLoss(chunk_tokens=8)
     steps.forward_backward(model, [batch], loss_fn, output_params(model), offload_activations=True)
     assert loss_fn.calls_inside == [False]
+
+
+def test_offloading_leaves_weights_and_their_views_alone():
+    from torchft.training.activations import OffloadActivations
+
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    offloader = OffloadActivations("cpu", min_bytes=1024)
+    with offloader:
+        y = torch.mm(x.tanh(), weight.t())  # mm saves the weight's transposed view and tanh's output
+    y.sum().backward()
+    assert offloader.offloaded_bytes == 8 * 64 * 4  # tanh's output only

@@ -124,8 +124,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
     def _pack(self, t: torch.Tensor):
-        # parameters and tensor subclasses (NF4 weights) stay where they are
-        if type(t) is not torch.Tensor or t.device != self.device or not t.is_floating_point():
+        # parameters, views of them (a transposed weight) and tensor subclasses (NF4) stay where they are
+        if (type(t) is not torch.Tensor or isinstance(t._base, nn.Parameter) or t.device != self.device
+                or not t.is_floating_point()):
             return t
         storage = t.untyped_storage()
         if storage.nbytes() < self.min_bytes:
