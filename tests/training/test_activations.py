@@ -127,3 +127,26 @@ def test_offloading_leaves_weights_and_their_views_alone():
         y = torch.mm(x.tanh(), weight.t())  # mm saves the weight's transposed view and tanh's output
     y.sum().backward()
     assert offloader.offloaded_bytes == 8 * 64 * 4  # tanh's output only
+
+
+@pytest.mark.gpu
+def test_cuda_offloading_equals_no_offloading():
+    """The real thing: pinned host copies on a side stream, prefetched in backward."""
+    from torchft.training.activations import activation_offloading
+
+    tokens = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    grads = []
+    for offload in (False, True):
+        model = _tiny_lora_model(checkpointing=True).cuda()
+        context = activation_offloading(offload, "cuda")
+        if offload:
+            context.min_bytes = 1024
+        with context:
+            hidden = model.hidden_states(tokens)
+        hidden.square().sum().backward()
+        torch.cuda.synchronize()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        if offload:
+            assert context.offloaded_bytes > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
