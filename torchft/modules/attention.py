@@ -1,4 +1,10 @@
-"""Grouped-query self-attention through ``scaled_dot_product_attention`` (or flex_attention)."""
+"""Grouped-query self-attention through ``scaled_dot_product_attention`` (or flex_attention).
+
+Packed batches on CUDA carry a flex_attention ``BlockMask``. flex_attention is only a fused kernel
+when compiled (run eagerly it builds the whole ``[s, s]`` score matrix), so it is compiled once per
+process at module level, whether or not the rest of the model is compiled.
+"""
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -14,6 +20,33 @@ except ImportError:  # pragma: no cover - torch builds without flex attention
     BlockMask, flex_attention = None, None
 
 AttentionMask = Union[torch.Tensor, "BlockMask", None]
+
+_compiled_flex_attention = None  # built on first use: compiling costs nothing until a BlockMask is seen
+
+
+def fused_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "BlockMask",
+                         enable_gqa: bool) -> torch.Tensor:
+    """flex_attention as a fused kernel (compiled once per process, static shapes).
+
+    Inside a compiled model it is traced with the model. Where it cannot be compiled (no C++
+    compiler for the CPU backend, an unsupported device) it warns once and runs unfused.
+    q: [b, h, s, hd]; k, v: [b, kvh, kv_len, hd] -> [b, h, s, hd].
+    """
+    global _compiled_flex_attention
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    try:
+        return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    except Exception as err:  # noqa: BLE001 - any compiler failure; the unfused call below re-raises real errors
+        if _compiled_flex_attention is flex_attention:
+            raise
+        warnings.warn(f"flex_attention could not be compiled on {q.device.type} ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); running it unfused, which builds "
+                      "the [s, s] score matrix", stacklevel=2)
+        _compiled_flex_attention = flex_attention
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -56,7 +89,7 @@ class GroupedQueryAttention(nn.Module):
             k, v = self.kv_cache.update(k, v)  # [b, kvh, cache_len, hd]
 
         if BlockMask is not None and isinstance(mask, BlockMask):
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            out = fused_flex_attention(q, k, v, mask, enable_gqa=self.num_kv_heads != self.num_heads)
         else:
             out = self._sdpa(q, k, v, mask)
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)

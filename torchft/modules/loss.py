@@ -3,17 +3,22 @@
 A Llama 3 vocabulary has 128,256 entries: the logits of 4 x 2048 tokens in fp32 take 4 GiB, and a
 plain ``F.cross_entropy(model(tokens).float(), ...)`` keeps several such tensors alive for backward.
 :class:`ChunkedCrossEntropy` instead takes the final hidden states (``model.hidden_states()``) and
-the output projection (``model.output``), and processes the target tokens a chunk at a time: each
+the output projection (``model.output``), and walks the positions ``chunk_tokens`` at a time: each
 chunk's logits are computed, its loss and its gradients (with respect to the hidden states and the
 output projection's trainable weights) are taken at once, and the logits are freed. Backward then
-only scales the stored gradients. Positions whose target is ``ignore_index`` (prompt, padding) get
-no logits at all.
+only scales the stored gradients. The memory of the loss is therefore one chunk of logits (bounded
+whatever the sequence length) plus a gradient the size of the hidden states.
+
+It never synchronises with the device: every chunk has a shape known from the input's shape (no
+boolean gather of the target positions, no ``.item()``); positions whose target is ``ignore_index``
+(prompt, padding) are handled inside ``F.cross_entropy`` and get a zero gradient.
 
 The loss is returned as ``(sum over target tokens, number of target tokens)``: the recipe divides
 by the number of target tokens of the whole optimizer step, so gradient accumulation never changes
 the result (a mean per micro-batch would weight short micro-batches more).
 """
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,50 +27,60 @@ from torch import nn
 from torchft.data.collate import IGNORE_INDEX  # labels not trained on (set by the data pipeline)
 
 
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # logits: [n, vocab] any float dtype, targets: [n] -> fp32 scalar
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # logits: [n, vocab] any float dtype, targets: [n] -> fp32 scalar (ignored positions add 0)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
 
 
 class _FusedChunkedCE(torch.autograd.Function):
-    """Loss and gradients computed chunk by chunk in forward; backward scales the saved gradients."""
+    """Loss and gradients computed chunk by chunk in forward; backward scales the saved gradients.
+
+    The output layer's gradient is accumulated in the parameter's own dtype (as autograd would
+    accumulate it), so no fp32 copy of a [vocab, dim] matrix waits for backward.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, targets, output_fn, ce_fn, chunk_size, *params):
-        # hidden: [n, dim] (target positions only), targets: [n]
+    def forward(ctx, hidden, targets, output_fn, ce_fn, chunk_size, ignore_index, *params):
+        # hidden: [n, dim] (every position), targets: [n]
         needs_hidden_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
-        grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h_chunk = hidden[start:start + chunk_size].detach().requires_grad_(needs_hidden_grad)
             with torch.enable_grad():
-                loss = ce_fn(output_fn(h_chunk), targets[start:start + chunk_size])  # logits freed after grad
+                # logits [chunk, vocab] live only inside this iteration
+                loss = ce_fn(output_fn(h_chunk), targets[start:start + chunk_size], ignore_index)
             wrt = ([h_chunk] if needs_hidden_grad else []) + list(params)
-            grads = torch.autograd.grad(loss, wrt) if wrt else ()
+            grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
             if needs_hidden_grad:
-                grad_hidden[start:start + chunk_size] = grads[0]
-                grads = grads[1:]
-            for acc, g in zip(grad_params, grads):
-                acc.add_(g)
+                grad_hidden[start:start + chunk_size] = grads.pop(0)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
             total += loss.detach()
-        ctx.save_for_backward(grad_hidden, *[g.to(p.dtype) for g, p in zip(grad_params, params)])
+        ctx.save_for_backward(grad_hidden, *grad_params)
         ctx.has_hidden_grad = needs_hidden_grad
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, *grad_params = ctx.saved_tensors
-        scaled_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.has_hidden_grad else None
-        scaled_params = [g * grad_output.to(g.dtype) for g in grad_params]
-        return (scaled_hidden, None, None, None, None, *scaled_params)
+        # Scaled in place: the stored gradients are used once and become the returned ones.
+        if ctx.has_hidden_grad:
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        grad_params = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grad_params]
+        return (grad_hidden, None, None, None, None, None, *grad_params)
 
 
 class ChunkedCrossEntropy:
     """Token-weighted cross-entropy over ``output_fn(hidden)`` without holding the full logits.
 
     Args:
-        num_chunks: the target tokens are split into this many chunks (more chunks, less memory).
+        chunk_tokens: positions per chunk; a chunk's logits take ``chunk_tokens * vocab`` elements
+            whatever the sequence length (fewer tokens, less memory, more launches).
+        num_chunks: instead of ``chunk_tokens``, split each batch into this many chunks (the chunk
+            then grows with the sequence length).
         ignore_index: target value of positions that do not count (prompt, padding).
         compile: ``torch.compile`` the per-chunk upcast + cross-entropy.
 
@@ -73,34 +88,44 @@ class ChunkedCrossEntropy:
         hidden: [b, s, dim] final hidden states; targets: [b, s] next-token ids (already shifted,
         ``ignore_index`` where no loss); output_fn: hidden -> logits (``model.output``); params: the
         trainable tensors ``output_fn`` uses (:func:`output_params`), whose gradients are computed
-        here. Returns ``(loss_sum, num_tokens)``: fp32 scalar and long scalar.
+        here. Returns ``(loss_sum, num_tokens)``: fp32 scalar and long scalar, both on the device
+        (nothing is read back to the host).
     """
 
-    def __init__(self, num_chunks: int = 8, ignore_index: int = IGNORE_INDEX, compile: bool = False):
-        if num_chunks < 1:
+    def __init__(self, chunk_tokens: int = 1024, num_chunks: Optional[int] = None,
+                 ignore_index: int = IGNORE_INDEX, compile: bool = False):
+        if chunk_tokens < 1:
+            raise ValueError(f"loss chunk_tokens ({chunk_tokens}) must be >= 1")
+        if num_chunks is not None and num_chunks < 1:
             raise ValueError(f"loss num_chunks ({num_chunks}) must be >= 1")
+        self.chunk_tokens = chunk_tokens
         self.num_chunks = num_chunks
         self.ignore_index = ignore_index
-        self._ce = torch.compile(_ce_sum, dynamic=True) if compile else _ce_sum
+        # Chunks have at most two shapes (full and last), so static-shape compilation suffices.
+        self._ce = torch.compile(_ce_sum, dynamic=False) if compile else _ce_sum
+
+    def chunk_size(self, num_positions: int) -> int:
+        """Positions per chunk for a batch of ``num_positions`` (b * s) positions."""
+        if self.num_chunks is not None:
+            return max(1, -(-num_positions // self.num_chunks))
+        return self.chunk_tokens
 
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor,
                  output_fn: Callable[[torch.Tensor], torch.Tensor],
                  params: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = targets.reshape(-1) != self.ignore_index  # [b*s]
-        num_tokens = keep.sum()
-        hidden = hidden.reshape(-1, hidden.shape[-1])[keep]  # [n, dim]; gathers, backward scatters
-        kept_targets = targets.reshape(-1)[keep]  # [n]
-        n = hidden.shape[0]
-        if n == 0:
-            return hidden.sum().float() * 0.0, num_tokens
-        chunk_size = -(-n // self.num_chunks)
+        targets = targets.reshape(-1)  # [n]
+        num_tokens = (targets != self.ignore_index).sum()
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # [n, dim]
+        chunk = self.chunk_size(hidden.shape[0])
         params = [p for p in params if p.requires_grad]
         if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
             with torch.no_grad():
-                total = sum(self._ce(output_fn(hidden[i:i + chunk_size]), kept_targets[i:i + chunk_size])
-                            for i in range(0, n, chunk_size))
+                total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                for i in range(0, hidden.shape[0], chunk):
+                    total += self._ce(output_fn(hidden[i:i + chunk]), targets[i:i + chunk], self.ignore_index)
             return total, num_tokens
-        return _FusedChunkedCE.apply(hidden, kept_targets, output_fn, self._ce, chunk_size, *params), num_tokens
+        loss = _FusedChunkedCE.apply(hidden, targets, output_fn, self._ce, chunk, self.ignore_index, *params)
+        return loss, num_tokens
 
 
 def output_params(model: nn.Module) -> list[nn.Parameter]:

@@ -7,11 +7,17 @@ from torch import nn
 
 from torchft.modules.attention import AttentionMask, GroupedQueryAttention
 from torchft.modules.kv_cache import KVCache
+from torchft.modules.recompute import can_recompute_when_saved, recompute_when_saved
 from torchft.modules.rope import RotaryEmbedding
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x))``; ``out = h + mlp(norm(h))``.
+
+    The norms' outputs are not kept for backward (the projections after them would keep them): they
+    are recomputed from the norms' inputs, which the norms keep anyway. ``recompute_norms = False``
+    turns that off (activation checkpointing recomputes the whole layer instead).
+    """
 
     def __init__(self, self_attn: GroupedQueryAttention, mlp: nn.Module,
                  input_layernorm: nn.Module, post_attention_layernorm: nn.Module) -> None:
@@ -20,12 +26,22 @@ class TransformerDecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = input_layernorm
         self.post_attention_layernorm = post_attention_layernorm
+        self.recompute_norms = True
+
+    def _after_norm(self, norm: nn.Module, block, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``block(norm(x), ...)`` with the norm's output stored, where it is saved, as ``x``."""
+        normed = norm(x)
+        if (not self.recompute_norms or not normed.requires_grad or torch.compiler.is_compiling()
+                or not can_recompute_when_saved()):
+            return block(normed, *args, **kwargs)
+        with recompute_when_saved(normed, norm, x):
+            return block(normed, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: AttentionMask = None) -> torch.Tensor:
         # x: [b, s, dim] -> [b, s, dim]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self._after_norm(self.input_layernorm, self.self_attn, x, cos, sin, mask=mask)
+        return h + self._after_norm(self.post_attention_layernorm, self.mlp, h)
 
 
 class TransformerDecoder(nn.Module):

@@ -74,10 +74,10 @@ def forward_backward(
     if num_tokens == 0:  # every label masked: nothing to learn from this step
         return total, 0
     for batch in micro_batches:
-        with activation_offloading(offload_activations, device):
+        with activation_offloading(offload_activations, device):  # the layers' saved inputs, not the loss's
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-            loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
-                                  output_params)
+        loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
+                              output_params)
         (loss_sum / num_tokens).backward()
         total += loss_sum.detach()
     return total / num_tokens, num_tokens
