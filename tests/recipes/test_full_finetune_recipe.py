@@ -67,6 +67,19 @@ def test_optimizer_in_backward_refuses_accumulation(tmp_path, base):
         recipe.main(cfg)
 
 
+def test_bf16_learns_like_fp32_with_and_without_optimizer_in_backward(tmp_path, base):
+    # lr 3e-5 (a real full fine-tune's): round-to-nearest bf16 AdamW kept about 30% of the fp32 run's drop
+    drops = {}
+    for name, extra in (("fp32", ["dtype=fp32"]), ("bf16", ["dtype=bf16"]),
+                        ("bf16_in_backward", ["dtype=bf16", "optimizer_in_backward=true", "clip_grad_norm=null"])):
+        recipe.main(tiny_config("full", tmp_path / name, base, ["optimizer.lr=3e-5", "max_steps=8",
+                                                                "eval_every_n_steps=8", *extra]))
+        val = val_losses(tmp_path / name / "out")
+        drops[name] = val[0] - val[8]
+    assert drops["fp32"] > 0.1
+    assert drops["bf16"] >= 0.8 * drops["fp32"] and drops["bf16_in_backward"] >= 0.8 * drops["fp32"], drops
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_batch_size_zero(tmp_path, base):
     with pytest.raises(ValueError, match=r"batch_size \(0\) must be a positive integer"):

@@ -81,3 +81,35 @@ def test_clip_grad_norm():
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert before > 0.5 and after == pytest.approx(0.5, rel=1e-4)
     assert clip_grad_norm(model.parameters(), None) is None
+
+
+def test_bf16_weights_keep_updates_below_half_an_ulp():
+    # 1.0 in bf16 has an ulp of 2**-7: an AdamW step of lr=1e-3 is 1/8 of it, which rounding to
+    # nearest throws away every time; stochastic rounding keeps it on average.
+    torch.manual_seed(0)
+    weights = {}
+    for stochastic in (False, True):
+        p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = build_adamw([p], lr=1e-3, bf16_stochastic_round=None if stochastic else False)
+        for _ in range(20):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        weights[stochastic] = p.detach().float()
+        assert p.dtype is torch.bfloat16
+    assert torch.equal(weights[False], torch.ones(4096))  # every update lost
+    assert weights[True].mean().item() == pytest.approx(1 - 20 * 1e-3, abs=2e-3)  # 20 updates of lr each
+
+
+def test_bf16_adamw_under_optimizer_in_backward_with_a_schedule():
+    torch.manual_seed(0)
+    model = _model().to(torch.bfloat16)
+    oib = OptimizerInBackward(model.parameters(), lr=1e-2)
+    sched = build_lr_scheduler(oib, "linear", num_warmup_steps=0, num_training_steps=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        model(x).float().pow(2).mean().backward()  # each weight is updated here, by its own AdamW
+        oib.step(), sched.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert oib.param_groups[0]["lr"] == pytest.approx(1e-2 * 1 / 4)  # the schedule drives every weight's AdamW
+    assert all(p.dtype is torch.bfloat16 for p in model.parameters())

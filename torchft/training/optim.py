@@ -1,8 +1,57 @@
-"""Optimizers: AdamW (fused on CUDA), optimizer-in-backward, and gradient clipping."""
+"""Optimizers: AdamW (fused on CUDA; stochastic rounding on bf16 weights), optimizer-in-backward, clipping.
+
+bf16 weights cannot take small updates: an AdamW step of ``lr`` (about 1e-5 in a full fine-tune)
+is below half a bf16 ulp of most weights (2**-9 relative), so round-to-nearest throws it away and
+the run barely trains. On bf16 weights :func:`build_adamw` therefore uses torchao's AdamW with
+``bf16_stochastic_round=True``: the update is computed in fp32 and rounded up or down at random with
+the probabilities that make the rounded weight equal the fp32 one on average, so no update is lost
+in expectation, with no fp32 copy of the weights (benchmarks/RESULTS.md compares it with fp32 master
+weights: same learning, half the optimizer memory).
+"""
+import functools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+
+@functools.cache
+def _stochastic_rounding_adamw():
+    """torchao's AdamW (imported on first use: torchao is slow to import), stepping eagerly on the CPU
+    (its compiled per-parameter step costs seconds of compilation there for no gain)."""
+    import torchao.optim
+    from torchao.optim.adam import single_param_adam
+
+    # torchao 0.18 names its full-precision AdamW ``_AdamW`` (the low-bit ones are the public names)
+    AdamW = getattr(torchao.optim, "AdamW", None) or torchao.optim._AdamW
+
+    class StochasticRoundingAdamW(AdamW):
+        """torchao AdamW with bf16 stochastic rounding whose ``lr`` may also be set as a float."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                if not isinstance(group["lr"], torch.Tensor):  # OptimizerInBackward copies a float in
+                    group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
+            if all(p.is_cuda for group in self.param_groups for p in group["params"]):
+                return super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)
+                        state["exp_avg_sq"] = self._new_buffer(p, False)
+                    state["step"] += 1
+                    single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"],
+                                      None, group["lr"], group["betas"][0], group["betas"][1],
+                                      group["weight_decay"], group["eps"], True,
+                                      self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+            return None
+
+    return StochasticRoundingAdamW
 
 
 def build_adamw(
@@ -11,13 +60,24 @@ def build_adamw(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """AdamW over the trainable ``params``; the fused kernel (one launch per step) when they are on a GPU."""
+    bf16_stochastic_round: bool | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable ``params``.
+
+    fp32 weights: torch's AdamW, the fused kernel (one launch per step) when they are on a GPU.
+    bf16 weights: torchao's AdamW with stochastic rounding (states in bf16, math in fp32), unless
+    ``bf16_stochastic_round=False`` (then torch's AdamW rounding to nearest, which loses small updates).
+    """
     if lr <= 0:
         raise ValueError(f"optimizer.lr ({lr}) must be > 0")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to optimize")
+    if bf16_stochastic_round is None:
+        bf16_stochastic_round = all(p.dtype is torch.bfloat16 for p in params)
+    if bf16_stochastic_round:
+        return _stochastic_rounding_adamw()(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
+                                            bf16_stochastic_round=True)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
 
