@@ -15,40 +15,68 @@ import torch
 from torch import nn
 
 
+def _adamw_update(p, grad, step, exp_avg, exp_avg_sq, lr, beta1: float, beta2: float, weight_decay: float,
+                  eps: float, found_inf):
+    """One AdamW update of ``p`` (bf16: stochastically rounded), left undone where ``found_inf`` ([] 1.0) says so.
+
+    torchao's ``single_param_adam`` does the math (in fp32) on copies; ``torch.where`` keeps the old
+    weight and moments when the step is not finite, on the device (compiled, the copies fuse away).
+    """
+    from torchao.optim.adam import single_param_adam
+
+    new_p, new_avg, new_avg_sq = p.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    single_param_adam(new_p, grad, step, new_avg, new_avg_sq, None, lr, beta1, beta2, weight_decay, eps, True,
+                      p.dtype is torch.bfloat16)
+    keep = found_inf > 0
+    p.copy_(torch.where(keep, p, new_p))
+    exp_avg.copy_(torch.where(keep, exp_avg, new_avg))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_avg_sq))
+
+
+@functools.cache
+def _compiled_adamw_update():
+    return torch.compile(_adamw_update, fullgraph=True, dynamic=False)
+
+
 @functools.cache
 def _stochastic_rounding_adamw():
-    """torchao's AdamW (imported on first use: torchao is slow to import), stepping eagerly on the CPU
-    (its compiled per-parameter step costs seconds of compilation there for no gain)."""
+    """torchao's AdamW (imported on first use: torchao is slow to import) with the found-inf skip."""
     import torchao.optim
-    from torchao.optim.adam import single_param_adam
 
     # torchao 0.18 names its full-precision AdamW ``_AdamW`` (the low-bit ones are the public names)
     AdamW = getattr(torchao.optim, "AdamW", None) or torchao.optim._AdamW
 
     class StochasticRoundingAdamW(AdamW):
-        """torchao AdamW with bf16 stochastic rounding whose ``lr`` may also be set as a float."""
+        """torchao's AdamW with bf16 stochastic rounding that, like torch's fused AdamW, skips the
+        update on the device when its ``found_inf`` attribute ([] 1.0) is set, and whose ``lr`` may be
+        set as a float. The update is compiled on GPUs and eager on the CPU (compiling it there costs
+        seconds for no gain on the small models trained on a CPU)."""
+
+        skips_on_found_inf = True
 
         @torch.no_grad()
         def step(self, closure=None):
+            found_inf = getattr(self, "found_inf", None)
             for group in self.param_groups:
                 if not isinstance(group["lr"], torch.Tensor):  # OptimizerInBackward copies a float in
                     group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
-            if all(p.is_cuda for group in self.param_groups for p in group["params"]):
-                return super().step(closure)
-            for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     state = self.state[p]
                     if not state:
-                        state["step"] = torch.tensor(0.0)
+                        state["step"] = torch.zeros((), device=p.device)  # on the device: found_inf decides
                         state["exp_avg"] = self._new_buffer(p, True)
                         state["exp_avg_sq"] = self._new_buffer(p, False)
-                    state["step"] += 1
-                    single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"],
-                                      None, group["lr"], group["betas"][0], group["betas"][1],
-                                      group["weight_decay"], group["eps"], True,
-                                      self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+                    elif state["step"].device != p.device:  # loaded from a CPU checkpoint
+                        state["step"] = state["step"].to(p.device)
+                    skip = found_inf if found_inf is not None else torch.zeros((), device=p.device)
+                    state["step"] += 1 - skip
+                    update = _compiled_adamw_update() if p.is_cuda else _adamw_update
+                    with torch._dynamo.utils.disable_cache_limit():  # one compilation per weight shape
+                        update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"],
+                               group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
+                               group["eps"], skip)
             return None
 
     return StochasticRoundingAdamW
@@ -64,7 +92,7 @@ def build_adamw(
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable ``params``.
 
-    fp32 weights: torch's AdamW, the fused kernel (one launch per step) when they are on a GPU.
+    fp32 weights: torch's fused AdamW (one kernel per step).
     bf16 weights: torchao's AdamW with stochastic rounding (states in bf16, math in fp32), unless
     ``bf16_stochastic_round=False`` (then torch's AdamW rounding to nearest, which loses small updates).
     """
@@ -78,8 +106,9 @@ def build_adamw(
     if bf16_stochastic_round:
         return _stochastic_rounding_adamw()(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                                             bf16_stochastic_round=True)
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+    # fused (on the CPU too): one kernel per step, and the update is skipped on the device when
+    # ``found_inf`` is set (see step_unless_nonfinite)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=True)
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -99,14 +128,20 @@ class OptimizerInBackward(torch.optim.Optimizer):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": adamw_kwargs["lr"]})
         self._optimizers = [build_adamw([p], **adamw_kwargs) for p in params]
+        self._grad_sq: torch.Tensor | None = None  # [] sum of squared gradients of this step so far
+        self._found_inf: torch.Tensor | None = None  # [] 1.0 once a gradient of this step was not finite
         self._handles = []
         for param, opt in zip(params, self._optimizers):
             self._handles.append(param.register_post_accumulate_grad_hook(self._make_hook(opt)))
 
     def _make_hook(self, opt: torch.optim.Optimizer):
         def hook(param: nn.Parameter) -> None:
+            sq = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()  # [] on the device
+            found_inf = (~torch.isfinite(sq)).float()  # this weight's update is skipped when set
+            self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+            self._found_inf = found_inf if self._found_inf is None else torch.maximum(self._found_inf, found_inf)
             opt.param_groups[0]["lr"] = self.param_groups[0]["lr"]
-            opt.step()
+            step_unless_nonfinite(opt, found_inf)
             opt.zero_grad(set_to_none=True)
 
         return hook
@@ -114,6 +149,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - updates already happened in backward
         return None
+
+    def step_stats(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's gradient norm and non-finite flag (both [] on the device, from the hooks), then reset.
+        A non-finite ``loss`` also sets the flag (its gradients, all NaN, were skipped already)."""
+        grad_sq = self._grad_sq if self._grad_sq is not None else torch.zeros_like(loss, dtype=torch.float32)
+        found_inf = self._found_inf if self._found_inf is not None else torch.zeros_like(grad_sq)
+        self._grad_sq = self._found_inf = None
+        return grad_sq.sqrt(), torch.maximum(found_inf, nonfinite_flag(loss, None))
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - gradients are freed by the hooks
         return None
@@ -138,11 +181,37 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._handles.clear()
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
-    """Clip the global L2 norm of the gradients to ``max_norm`` (None: no clipping) and return the norm."""
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the gradients ([] on the device), after clipping them to ``max_norm``
+    (None: no clipping). Nothing is read back: a NaN norm is caught by :func:`nonfinite_flag`."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros(())
     if max_norm is None:
-        return None
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return None
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm=float(max_norm))
+        return torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+    return torch.nn.utils.clip_grad_norm_(with_grad, max_norm=float(max_norm))
+
+
+def nonfinite_flag(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """[] float on the device: 1.0 when the loss or the gradient norm is NaN or infinite, else 0.0."""
+    bad = ~torch.isfinite(loss.detach())
+    if grad_norm is not None:
+        bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+    return bad.float()
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()``, skipped when ``found_inf`` ([] float) is 1.0.
+
+    torch's fused optimizers and the stochastic-rounding AdamW read ``found_inf`` as an attribute, as
+    ``torch.amp.GradScaler`` passes it, and skip on the device. Any other optimizer gets the flag read
+    back first (one host-device sync per step).
+    """
+    if optimizer.defaults.get("fused") or getattr(optimizer, "skips_on_found_inf", False):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not found_inf.item():
+        optimizer.step()
