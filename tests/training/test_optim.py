@@ -115,3 +115,37 @@ def test_bf16_adamw_under_optimizer_in_backward_with_a_schedule():
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert oib.param_groups[0]["lr"] == pytest.approx(1e-2 * 1 / 4)  # the schedule drives every weight's AdamW
     assert all(p.dtype is torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp32_in_backward", "bf16_in_backward"])
+def test_a_non_finite_gradient_skips_the_update_on_the_device(kind):
+    from torchft.training.optim import nonfinite_flag, step_unless_nonfinite
+
+    dtype = torch.bfloat16 if kind.startswith("bf16") else torch.float32
+    model = _model().to(dtype)
+    in_backward = kind.endswith("in_backward")
+    opt = OptimizerInBackward(model.parameters(), lr=1e-2) if in_backward else build_adamw(model.parameters(), lr=1e-2)
+
+    def step(poison: bool):
+        handle = model[0].weight.register_hook(lambda g: g * float("inf")) if poison else None
+        loss = model(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)).to(dtype)).float().pow(2).mean()
+        loss.backward()  # a finite loss; with poison, one weight's gradient is inf
+        if handle is not None:
+            handle.remove()
+        if in_backward:
+            return opt.step_stats(loss)[1]
+        found_inf = nonfinite_flag(loss, clip_grad_norm(model.parameters(), None))
+        step_unless_nonfinite(opt, found_inf)
+        opt.zero_grad()
+        return found_inf
+
+    assert step(poison=False).item() == 0.0
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    assert step(poison=True).item() == 1.0
+    if not in_backward:  # one AdamW for all: nothing moved; in backward, only the poisoned weight stays
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, weights[key]), key
+        assert repr(opt.state_dict()) == repr(state)  # moments and step counts untouched
+    assert torch.equal(model[0].weight, weights["0.weight"]) and torch.isfinite(model[0].weight).all()
+    assert step(poison=False).item() == 0.0 and not torch.equal(model[0].weight, weights["0.weight"])

@@ -231,6 +231,7 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: Chu
                                                offload_activations, num_target_tokens)
     if isinstance(optimizer, OptimizerInBackward):
         grad_norm, found_inf = optimizer.step_stats(loss)
+        optimizer.step()  # nothing left to do; keeps the LR scheduler's step-order check satisfied
     else:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = clip_grad_norm(params, max_grad_norm)
