@@ -15,12 +15,11 @@ step and the save, and runs it::
                         validate=lambda: validation_loss(model, val_loader, loss_fn, device),
                         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                         last_checkpoint=resume_dir)
-    loop.run(loader, train_step, lr=lambda: optimizer.param_groups[0]["lr"])
+    loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))
     # returns at total_steps; on SIGINT/SIGTERM it saves, then raises SystemExit(128 + signal)
 
-Per optimizer step the loop draws ``gradient_accumulation_steps`` micro-batches (fewer at the end of an
-epoch), moves them to the
-device, calls ``train_step``, and then, on its cadences: logs the metrics (every
+Per optimizer step the loop draws ``gradient_accumulation_steps`` micro-batches (fewer at the end
+of an epoch), moves them to the device, calls ``train_step``, and then, on its cadences: logs the metrics (every
 ``log_every_n_steps``), runs ``validate`` (every ``eval_every_n_steps`` and at the last step; at step
 0 too on a fresh run) and calls ``save`` (every ``save_every_n_steps``, at the last step, and when a
 stop was requested). It reads the step's values (loss, grad norm) back from the device only on
@@ -32,8 +31,10 @@ Running out of device memory becomes a ``MemoryError`` naming the settings that 
 Distributed recipes use it unchanged: every rank runs the loop (``train_step``, ``validate`` and
 ``save`` may be collectives; they are called on every rank at the same steps); only the rank with
 ``is_main_process=True`` prints, logs and shows the progress bar. ``train_step`` returns global
-values (it all-reduces the target-token count before backward, the loss's denominator, and the
-loss for logging), so what rank 0 logs is the whole step's.
+values: it all-reduces the target-token count before backward and passes it as
+``optimizer_step(..., num_target_tokens=...)`` (the loss's denominator), and all-reduces the loss
+for logging; the gradient norm of sharded gradients is already global, so ``found_inf`` and the
+non-finite check stop every rank at the same step.
 ``any_rank`` turns this rank's "stop requested" into the same decision on every rank (e.g. an
 all-reduce MAX); without it the local flag decides.
 """
