@@ -8,6 +8,8 @@ import torch
 from torchft._recipes import full_finetune_single_device as recipe
 from torchft.checkpoint import load_hf_checkpoint
 from torchft.models import from_hf_config
+from torchft.training import steps
+from torchft.training.steps import NonFiniteLossError
 
 from ._finetune import restore_torch_threads, TINY, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
 
@@ -67,6 +69,46 @@ def test_optimizer_in_backward_refuses_accumulation(tmp_path, base):
         recipe.main(cfg)
 
 
+def test_bf16_learns_like_fp32_with_and_without_optimizer_in_backward(tmp_path, base):
+    # lr 3e-5 (a real full fine-tune's): round-to-nearest bf16 AdamW kept about 30% of the fp32 run's drop
+    drops = {}
+    for name, extra in (("fp32", ["dtype=fp32"]), ("bf16", ["dtype=bf16"]),
+                        ("bf16_in_backward", ["dtype=bf16", "optimizer_in_backward=true", "clip_grad_norm=null"])):
+        recipe.main(tiny_config("full", tmp_path / name, base, ["optimizer.lr=3e-5", "max_steps=8",
+                                                                "eval_every_n_steps=8", *extra]))
+        val = val_losses(tmp_path / name / "out")
+        drops[name] = val[0] - val[8]
+    assert drops["fp32"] > 0.1
+    assert drops["bf16"] >= 0.8 * drops["fp32"] and drops["bf16_in_backward"] >= 0.8 * drops["fp32"], drops
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_an_inf_gradient_with_a_finite_loss_is_caught_before_the_next_save(tmp_path, base, monkeypatch, in_backward):
+    real_forward_backward = steps.forward_backward
+    calls = []
+
+    def poisoned(model, *args, **kwargs):  # step 3: one gradient becomes inf, the loss stays finite
+        calls.append(1)
+        handle = model.layers[0].mlp.down_proj.weight.register_hook(lambda g: g * float("inf")) if len(calls) == 3 else None
+        try:
+            return real_forward_backward(model, *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    monkeypatch.setattr(steps, "forward_backward", poisoned)
+    options = ["optimizer_in_backward=true", "clip_grad_norm=null"] if in_backward else []
+    cfg = tiny_config("full", tmp_path, base, ["max_steps=6", "save_every_n_steps=2", "log_every_n_steps=4",
+                                               "~validation_dataset", *options])
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf \(loss \d+\.\d+\) at step 3: training stopped"
+                                                 r".* the last good checkpoint is .*step_2"):
+        recipe.main(cfg)
+    # read back at step 4 (a logging and saving step): step 4 was never saved
+    assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_2"]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == []  # step 4's metrics were not logged either
+    assert torch.isfinite(load_hf_checkpoint(tmp_path / "out" / "step_2")["layers.0.mlp.down_proj.weight"]).all()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_batch_size_zero(tmp_path, base):
     with pytest.raises(ValueError, match=r"batch_size \(0\) must be a positive integer"):
@@ -105,3 +147,23 @@ def test_config_key_typo_is_one_line_with_a_suggestion(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_step" in lines[0] and "max_steps" in lines[0]
     assert not list(tmp_path.glob("step_*"))
+
+
+def test_a_run_logs_a_short_config_summary_not_the_whole_config(tmp_path):
+    # an error after the config is saved: it stays visible under a few lines, not under a screen of YAML
+    result = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
+         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
+         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 4, result.stderr
+    assert "missing" in lines[-1] and "error" in lines[-1]
+    assert f"output_dir={tmp_path}" in result.stderr and f"{tmp_path}/torchft_config.yaml" in result.stderr
+    assert "metric_logger:" in (tmp_path / "torchft_config.yaml").read_text()  # the whole config, on disk
+    debug = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
+         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
+         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}", "--debug"], capture_output=True, text=True, timeout=120)
+    assert "metric_logger:" in debug.stderr  # and in the log with --debug
