@@ -110,7 +110,6 @@ def test_a_step_does_not_sync(kind):
     assert result.found_inf is not None and result.grad_norm is not None  # the check still has its inputs
 
 
-@pytest.mark.xfail(strict=True, reason="chunked CE boolean gather")
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_a_step_with_the_chunked_loss_does_not_sync(kind):
     _, step = setup(kind, ChunkedCrossEntropy(num_chunks=2))
