@@ -21,6 +21,7 @@ from torchft.modules.loss import output_params
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
 from torchft.training.compile import compile_layers
+from torchft.training.estimate import warn_if_over_memory
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.samples import format_samples, generate_samples
@@ -116,6 +117,7 @@ def main(cfg: DictConfig) -> None:
     last_save = str(resume_dir) if resume_dir is not None else None
     progress = ProgressBar(total_steps, initial=step, disable=not cfg.get("progress_bar", True))
     timer = StepTimer(device)
+    warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
     model.train()
     with StopRequested() as stop:
         while step < total_steps and not stop.requested:
