@@ -23,6 +23,15 @@ ONE_B_LAYER = dict(vocab_size=2048, num_layers=1, num_heads=32, num_kv_heads=8, 
 SMALL_NF4 = dict(vocab_size=512, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=512)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the real-tensor steps are small: one intra-op thread is fastest on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(device, dims, *, adapters=True, qlora=False, dtype=torch.bfloat16):
     torch.manual_seed(0)
     lora = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=8) if adapters else {}

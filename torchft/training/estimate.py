@@ -72,12 +72,12 @@ class MemoryEstimate:
     def to_dict(self, gpu_bytes: int | None = None) -> dict[str, Any]:
         """The JSON shape of ``tune estimate --json`` (sizes in GiB)."""
         return {
-            "peak_gib": round(self.peak_gib, 3),
-            "needed_gib": round(self.needed_bytes / GIB, 3),
-            "host_gib": round(self.host_gib, 3),
+            "peak_gib": round(self.peak_gib, 6),
+            "needed_gib": round(self.needed_bytes / GIB, 6),
+            "host_gib": round(self.host_gib, 6),
             "fits": None if gpu_bytes is None else self.fits(gpu_bytes),
             "gpu_gib": None if gpu_bytes is None else round(gpu_bytes / GIB, 3),
-            "breakdown": {kind: round(nbytes / GIB, 3) for kind, nbytes in self.breakdown.items()},
+            "breakdown": {kind: round(nbytes / GIB, 6) for kind, nbytes in self.breakdown.items()},
             "settings": dict(self.settings),
             "allocator_overhead": {"fragmentation": FRAGMENTATION, "cuda_context_gib": CUDA_CONTEXT_BYTES / GIB},
         }
