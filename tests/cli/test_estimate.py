@@ -2,10 +2,9 @@
 import json
 
 import pytest
-import torch
 
 from torchft.cli import main as cli_main
-from tests.training.test_estimate import TINY_CONFIG
+from tests.training.test_estimate import TINY_CONFIG, one_thread  # noqa: F401  (an autouse fixture)
 
 
 @pytest.fixture
@@ -13,14 +12,6 @@ def config(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_CONFIG)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_json_has_peak_host_fits_and_breakdown(config, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -184,26 +185,28 @@ def _build_meta_model(model_node, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def _config_with(config, overrides: Sequence[str]):
+    """A copy of ``config`` (DictConfig, shipped name or YAML path) with ``overrides`` applied."""
+    from omegaconf import DictConfig
+
+    from torchft.config import apply_overrides, load_config
+
+    if isinstance(config, DictConfig):
+        return apply_overrides(config.copy(), overrides) if overrides else config.copy()
+    return load_config(config, overrides)
+
+
 def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: int = 1) -> MemoryEstimate:
     """Predicted peak memory per GPU of a fine-tuning config (shipped name, YAML path or DictConfig).
 
     ``overrides``: ``key=value`` strings as on the command line. ``nproc_per_node`` > 1 gives the
     per-rank peak of a distributed run (see :func:`fsdp_per_rank`).
     """
-    from omegaconf import DictConfig
-
-    from torchft.config import instantiate, load_config
+    from torchft.config import instantiate
     from torchft.training.optim import OptimizerInBackward
     from torchft.training.precision import resolve_dtype
 
-    if isinstance(config, DictConfig):
-        cfg = config.copy()
-        if overrides:
-            from torchft.config import apply_overrides
-
-            cfg = apply_overrides(cfg, overrides)
-    else:
-        cfg = load_config(config, overrides)
+    cfg = _config_with(config, overrides)
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node ({nproc_per_node}) must be >= 1")
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), "cpu")
@@ -285,9 +288,7 @@ def ways_to_fit(config, overrides: Sequence[str], gpu_bytes: int, *,
                 nproc_per_node: int = 1) -> tuple[list[str], MemoryEstimate] | None:
     """The first settings (cheapest first, each change kept) with which the config fits in
     ``gpu_bytes``: (overrides to add, their estimate), or None when even all of them do not fit."""
-    from torchft.config import load_config
-
-    cfg = config if not isinstance(config, str) else load_config(config, overrides)
+    cfg = _config_with(config, overrides)
     added: list[str] = []
     for change in _plan(cfg):
         # a later change to the same key (batch size halved again) replaces the earlier one
@@ -322,10 +323,11 @@ def warn_if_over_memory(cfg, device: torch.device) -> None:
     try:
         free, _ = torch.cuda.mem_get_info(device)
         available = free + torch.cuda.memory_allocated(device)  # the model is already loaded
-        estimate = estimate_memory(cfg)
+        ranks = int(os.environ.get("WORLD_SIZE", 1))  # FSDP shards over every rank of a torchrun
+        estimate = estimate_memory(cfg, nproc_per_node=ranks)
         if estimate.fits(available):
             return
-        fix = ways_to_fit(cfg, (), available)
+        fix = ways_to_fit(cfg, (), available, nproc_per_node=ranks)
         advice = (f"try {' '.join(fix[0])} (estimated {fix[1].peak_gib:.1f} GiB)" if fix
                   else "no setting found that fits; use a GPU with more memory")
         log.warning("estimated peak %.1f GiB (+ allocator overhead) exceeds the %.1f GiB free on %s: %s",
