@@ -13,7 +13,7 @@ from torchft.training.activations import activation_offloading, apply_activation
 from torchft.training.estimate import (GIB, estimate_memory, estimate_step, fsdp_per_rank, parse_memory_size,
                                        warn_if_over_memory, ways_to_fit)
 from torchft.training.estimate_tracking import MemoryTracker, offloaded_to_host
-from torchft.training.optim import build_adamw
+from torchft.training.optim import OptimizerInBackward, build_adamw
 from torchft.training.setup import default_dtype
 
 TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128)
@@ -42,11 +42,13 @@ def build(device, dims, *, adapters=True, qlora=False, dtype=torch.bfloat16):
     return model
 
 
-def peak(device, dims, *, seq_len=128, batch_size=2, accumulation=2, **kwargs):
+def peak(device, dims, *, seq_len=128, batch_size=2, accumulation=2, in_backward=False, **kwargs):
     """The tracked peak of two optimizer steps of a freshly built model on ``device``."""
     ac = kwargs.pop("activation_checkpointing", False)
+    make_optimizer = ((lambda p: OptimizerInBackward(p, lr=1e-3)) if in_backward else
+                      (lambda p: build_adamw(p, lr=1e-3)))
     return estimate_step(build(device, dims, **kwargs), batch_size=batch_size, seq_len=seq_len,
-                         loss_fn=ChunkedCrossEntropy(num_chunks=4), make_optimizer=lambda p: build_adamw(p, lr=1e-3),
+                         loss_fn=ChunkedCrossEntropy(num_chunks=4), make_optimizer=make_optimizer,
                          activation_checkpointing=ac, gradient_accumulation_steps=accumulation, max_grad_norm=1.0)
 
 
@@ -68,6 +70,16 @@ def test_meta_estimate_within_10_percent_of_the_real_step(case, checkpointing):
         assert predicted.breakdown["nf4_base"] > 0
     if case.get("adapters", True):
         assert predicted.breakdown["adapters"] > 0 and predicted.breakdown["weights"] > 0
+
+
+def test_optimizer_in_backward_never_holds_all_gradients():
+    full = dict(adapters=False, dtype=torch.float32, seq_len=16, batch_size=1, accumulation=1)
+    plain = peak("meta", TINY, **full)
+    in_backward = peak("meta", TINY, in_backward=True, **full)
+    measured = peak("cpu", TINY, in_backward=True, **full)
+    assert in_backward.peak_bytes < plain.peak_bytes
+    assert in_backward.breakdown["gradients"] < plain.breakdown["gradients"] // 4
+    assert abs(in_backward.peak_bytes - measured.peak_bytes) <= 0.10 * measured.peak_bytes
 
 
 def test_checkpointing_keeps_only_layer_inputs():
@@ -218,3 +230,27 @@ def test_warn_if_over_memory_names_the_cheapest_fix(tiny_config, monkeypatch, ca
         warn_if_over_memory(tiny_config, torch.device("cpu"))  # nothing on the CPU
     [record] = caplog.records
     assert "exceeds the" in record.getMessage() and "try enable_activation_checkpointing=true" in record.getMessage()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ac", "ac"])
+def test_estimate_within_10_percent_of_cuda_max_memory_allocated(checkpointing):
+    from torchft.training.steps import forward_backward
+
+    predicted = peak("meta", ONE_B_LAYER, seq_len=2048, batch_size=2, accumulation=1,
+                     activation_checkpointing=checkpointing)
+    model = build("cuda", ONE_B_LAYER)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_adamw(trainable, lr=1e-3)
+    tokens = torch.randint(0, ONE_B_LAYER["vocab_size"], (2, 2048), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        forward_backward(model, [{"tokens": tokens, "labels": tokens}], ChunkedCrossEntropy(num_chunks=4))
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(predicted.peak_bytes - measured) <= 0.10 * measured, (predicted.peak_bytes, measured)

@@ -113,11 +113,23 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         kind = "adapters" if adapter_model and tensor.requires_grad else "weights"
         tracker.track(tensor, kind)
-    for param in trainable:
-        param.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, "gradients", retag=True))
+    # Around the optimizer's own hooks (optimizer-in-backward updates in them), the update counts as
+    # one fused kernel, as in the optimizer phase.
+    phases: list[str] = []
+
+    def before_update(param: nn.Parameter) -> None:
+        tracker.track(param.grad, "gradients", retag=True)
+        phases.append(tracker.switch_phase("optimizer"))
+
+    def after_update(param: nn.Parameter) -> None:
+        tracker.switch_phase(phases.pop())
+        tracker.update_peak()
+
+    handles = [p.register_post_accumulate_grad_hook(before_update) for p in trainable]
+    optimizer = make_optimizer(trainable)  # allocates no state before its first step
+    handles += [p.register_post_accumulate_grad_hook(after_update) for p in trainable]
     tracker.update_peak()
 
-    optimizer = None
     with tracker, FusedKernels(tracker):
         for step in range(2):
             for _ in range(1 if step == 0 else micro_batches):
@@ -129,12 +141,13 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
                     _backward(loss_sum / targets.numel())
                 del hidden, loss_sum
             with tracker.phase("optimizer"):
-                optimizer = optimizer or make_optimizer(trainable)
                 clip_grad_norm(trainable, max_grad_norm)
                 optimizer.step()
                 _track_optimizer_states(tracker, optimizer)
             with tracker.phase("setup"):
                 optimizer.zero_grad(set_to_none=True)
+    for handle in handles:
+        handle.remove()
     settings = {"batch_size": batch_size, "seq_len": seq_len, "gradient_accumulation_steps": gradient_accumulation_steps,
                 "activation_checkpointing": activation_checkpointing, "activation_offloading": offload_activations}
     return MemoryEstimate(tracker.peak_bytes, tracker.peak_breakdown(), tracker.peak_host_bytes, settings)

@@ -131,6 +131,11 @@ class MemoryTracker(TorchDispatchMode):
                         self._records[index].kind = "saved_activations"
             self.update_peak()
 
+    def switch_phase(self, name: str) -> str:
+        """Enter phase ``name`` without a ``with`` block (from autograd hooks); returns the previous one."""
+        previous, self._phase = self._phase, name
+        return previous
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Ops inside are not recorded (the caller accounts their result itself)."""
