@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchft import registry
 from torchft.cli._common import add_subcommand
 
 EPILOG = """\
@@ -69,6 +70,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     s = estimate.settings
+    found = registry.find_config(args.config)
+    if found and found[0].name.endswith("_distributed") and args.nproc_per_node == 1:
+        print(f"note: {args.config} runs under torchrun; pass --nproc-per-node N for the per-rank estimate")
     ranks = f", per rank of {s['nproc_per_node']}" if s.get("nproc_per_node", 1) > 1 else ""
     print(f"{args.config}: batch {s['batch_size']} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
           f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, "
