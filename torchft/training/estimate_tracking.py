@@ -202,6 +202,10 @@ class _FlashAttention(torch.autograd.Function):
         return (*grads, None, None)
 
 
+# scaled_dot_product_attention's parameters, in order
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
 class FusedKernels(TorchFunctionMode):
     """Routes unmasked causal SDPA through :class:`_FlashAttention`; on meta tensors, makes boolean
     gathers keep every row (see the module docstring)."""
@@ -212,18 +216,16 @@ class FusedKernels(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and self._is_plain_causal(args, kwargs):
-            return _FlashAttention.apply(args[0], args[1], args[2], kwargs.get("scale"), self.tracker)
+        if func is F.scaled_dot_product_attention:
+            call = dict(zip(_SDPA_ARGS, args), **kwargs)
+            if call.get("attn_mask") is None and call.get("is_causal") and not call.get("dropout_p"):
+                return _FlashAttention.apply(call["query"], call["key"], call["value"], call.get("scale"),
+                                             self.tracker)
         if func is torch.Tensor.__getitem__ and _is_meta_bool_gather(args):
             source, mask = args
             rows = source.flatten(0, mask.dim() - 1)  # [numel(mask), ...]: every position kept
             return rows.index_select(0, torch.arange(rows.shape[0], device=rows.device))
         return func(*args, **kwargs)
-
-    @staticmethod
-    def _is_plain_causal(args, kwargs) -> bool:
-        return (len(args) == 3 and kwargs.get("attn_mask") is None and kwargs.get("is_causal", False)
-                and not kwargs.get("dropout_p"))
 
 
 def _is_meta_bool_gather(args) -> bool:
