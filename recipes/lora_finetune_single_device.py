@@ -21,6 +21,7 @@ from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import adapter_state_dict_cpu
 from torchft.training.compile import compile_layers
+from torchft.training.estimate import warn_if_over_memory
 from torchft.training.loop import TrainingLoop
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
@@ -118,6 +119,7 @@ def main(cfg: DictConfig) -> None:
         validate=None if val_loader is None else partial(validation_loss, model, val_loader, loss_fn, device),
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
+    warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
 

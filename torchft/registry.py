@@ -87,6 +87,7 @@ RECIPES: list[Recipe] = [
             "llama3/8B_qlora_single_device",
             "llama3_1/8B_lora_single_device",
             "llama3_1/8B_qlora_single_device",
+            "llama3_1/8B_qlora_long_context_single_device",
             "llama3_2/1B_lora_single_device",
             "llama3_2/1B_qlora_single_device",
             "llama3_2/3B_lora_single_device",

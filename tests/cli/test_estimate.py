@@ -1,0 +1,54 @@
+"""`tune estimate`: the text report, the --json object, the fit advice and one-line errors."""
+import json
+
+import pytest
+
+from torchft.cli import main as cli_main
+from tests.training.test_estimate import TINY_CONFIG, one_thread  # noqa: F401  (an autouse fixture)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def test_json_has_peak_host_fits_and_breakdown(config, capsys):
+    assert cli_main.main(["estimate", "--config", config, "batch_size=1", "--gpu-memory", "80GiB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fits"] is True and result["fits_with"] is None and result["gpu_gib"] == 80
+    assert result["settings"]["batch_size"] == 1 and result["host_gib"] == 0
+    assert 0 < result["peak_gib"] < result["needed_gib"]
+    assert set(result["breakdown"]) >= {"weights", "adapters", "gradients", "optimizer_states", "saved_activations"}
+    assert abs(sum(result["breakdown"].values()) - result["peak_gib"]) < 0.01
+
+
+def test_text_report_names_the_settings_that_fit(config, capsys):
+    with_ac = json.loads(_run_json(config, capsys, "enable_activation_checkpointing=true"))
+    budget = f"{with_ac['needed_gib'] + 0.001}GiB"
+    assert cli_main.main(["estimate", "--config", config, "--gpu-memory", budget]) == 0
+    out = capsys.readouterr().out
+    assert "peak GPU memory (allocated):" in out and "saved activations" in out
+    assert "fits with: enable_activation_checkpointing=true (peak" in out
+
+
+def _run_json(config, capsys, *overrides):
+    assert cli_main.main(["estimate", "--config", config, *overrides, "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def test_bad_memory_size_is_one_line_and_exit_1(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["estimate", "--config", config, "--gpu-memory", "24XB"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "tune: error: memory size '24XB' is not understood; write e.g. 24GiB, 80GB or 40000000000"
+
+
+def test_distributed_estimate_is_per_rank(config, capsys):
+    single = json.loads(_run_json(config, capsys))
+    per_rank = json.loads(_run_json(config, capsys, "--nproc-per-node", "4"))
+    assert per_rank["settings"]["nproc_per_node"] == 4
+    assert per_rank["breakdown"]["all_gather_buffers"] > 0
+    assert per_rank["breakdown"]["saved_activations"] == single["breakdown"]["saved_activations"]

@@ -1,0 +1,256 @@
+"""tune estimate's engine: the meta-tensor step against the same step on real tensors, linear growth in
+the sequence length, offloading, the FSDP arithmetic and the fit advice."""
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from torchft.models._llama import llama
+from torchft.modules.loss import ChunkedCrossEntropy, shift_targets
+from torchft.modules.peft import get_adapter_params, set_trainable_params
+from torchft.training.activations import activation_offloading, apply_activation_checkpointing
+from torchft.training.estimate import (GIB, estimate_memory, estimate_step, fsdp_per_rank, parse_memory_size,
+                                       warn_if_over_memory, ways_to_fit)
+from torchft.training.estimate_tracking import MemoryTracker, offloaded_to_host
+from torchft.training.optim import OptimizerInBackward, build_adamw
+from torchft.training.setup import default_dtype
+
+TINY = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128)
+# One Llama-3.2-1B decoder layer (dim 2048, 32/8 heads, MLP 8192) with a small vocabulary.
+ONE_B_LAYER = dict(vocab_size=2048, num_layers=1, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192)
+# Every linear a multiple of 16384 elements, so the base weights really are NF4.
+SMALL_NF4 = dict(vocab_size=512, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=512)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the real-tensor steps are small: one intra-op thread is fastest on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(device, dims, *, adapters=True, qlora=False, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    lora = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=8) if adapters else {}
+    with torch.device(device), default_dtype(dtype):
+        model = llama(**dims, max_seq_len=4096, quantize_base=qlora, **lora)
+    if adapters:
+        set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def peak(device, dims, *, seq_len=128, batch_size=2, accumulation=2, in_backward=False, **kwargs):
+    """The tracked peak of two optimizer steps of a freshly built model on ``device``."""
+    ac = kwargs.pop("activation_checkpointing", False)
+    make_optimizer = ((lambda p: OptimizerInBackward(p, lr=1e-3)) if in_backward else
+                      (lambda p: build_adamw(p, lr=1e-3)))
+    return estimate_step(build(device, dims, **kwargs), batch_size=batch_size, seq_len=seq_len,
+                         loss_fn=ChunkedCrossEntropy(num_chunks=4), make_optimizer=make_optimizer,
+                         activation_checkpointing=ac, gradient_accumulation_steps=accumulation, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ac", "ac"])
+@pytest.mark.parametrize("case", [
+    dict(dims=TINY),
+    dict(dims=TINY, adapters=False, dtype=torch.float32),  # full fine-tuning: gradients and AdamW states of all weights
+    dict(dims=SMALL_NF4, qlora=True, seq_len=64, accumulation=1),
+    dict(dims=ONE_B_LAYER, batch_size=1, accumulation=1),
+], ids=["tiny_lora", "tiny_full", "nf4", "1b_layer"])
+def test_meta_estimate_within_10_percent_of_the_real_step(case, checkpointing):
+    case = dict(case)
+    dims = case.pop("dims")
+    predicted = peak("meta", dims, activation_checkpointing=checkpointing, **case)
+    measured = peak("cpu", dims, activation_checkpointing=checkpointing, **case)
+    assert abs(predicted.peak_bytes - measured.peak_bytes) <= 0.10 * measured.peak_bytes
+    assert predicted.breakdown["saved_activations"] > 0 and measured.breakdown["saved_activations"] > 0
+    if case.get("qlora"):
+        assert predicted.breakdown["nf4_base"] > 0
+    if case.get("adapters", True):
+        assert predicted.breakdown["adapters"] > 0 and predicted.breakdown["weights"] > 0
+
+
+def test_optimizer_in_backward_never_holds_all_gradients():
+    full = dict(adapters=False, dtype=torch.float32, seq_len=16, batch_size=1, accumulation=1)
+    plain = peak("meta", TINY, **full)
+    in_backward = peak("meta", TINY, in_backward=True, **full)
+    measured = peak("cpu", TINY, in_backward=True, **full)
+    assert in_backward.peak_bytes < plain.peak_bytes
+    assert in_backward.breakdown["gradients"] < plain.breakdown["gradients"] // 4
+    assert abs(in_backward.peak_bytes - measured.peak_bytes) <= 0.10 * measured.peak_bytes
+
+
+def test_checkpointing_keeps_only_layer_inputs():
+    plain = peak("meta", ONE_B_LAYER, seq_len=1024, batch_size=1, accumulation=1)
+    checkpointed = peak("meta", ONE_B_LAYER, seq_len=1024, batch_size=1, accumulation=1, activation_checkpointing=True)
+    assert checkpointed.breakdown["saved_activations"] < plain.breakdown["saved_activations"] / 4
+
+
+def test_memory_grows_linearly_in_the_sequence_length():
+    # Attention is counted as a fused kernel keeps it (O(s)); a [s, s] score matrix would make the
+    # second difference as large as the first.
+    lengths = [16384, 32768, 49152]
+    peaks = [peak("meta", TINY, seq_len=s, batch_size=1, accumulation=1, activation_checkpointing=True).peak_bytes
+             for s in lengths]
+    first = peaks[1] - peaks[0]
+    assert first > 0
+    assert abs((peaks[2] - peaks[1]) - first) <= 0.02 * first
+
+
+def loss_and_grads(offload: bool):
+    model = build("cpu", TINY, dtype=torch.float32)
+    apply_activation_checkpointing(model)
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    tracker = MemoryTracker()
+    for p in model.parameters():
+        tracker.track(p, "weights")
+    with tracker:
+        with offloaded_to_host(tracker, offload):
+            hidden = model.hidden_states(tokens)
+        loss, _ = ChunkedCrossEntropy(num_chunks=2)(hidden, shift_targets(tokens), model.output)
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, tracker
+
+
+def test_offloading_keeps_loss_and_gradients_and_moves_bytes_to_the_host():
+    loss, grads, plain = loss_and_grads(offload=False)
+    loss_off, grads_off, offloaded = loss_and_grads(offload=True)
+    assert torch.equal(loss, loss_off)
+    assert grads.keys() == grads_off.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], grads_off[name]), name
+    assert plain.peak_host_bytes == 0 and offloaded.peak_host_bytes > 0
+    assert offloaded.host_bytes == 0  # every host copy freed after backward
+
+
+@pytest.mark.gpu
+def test_activation_offloading_option_keeps_loss_and_gradients_on_cuda():
+    def run(offload):
+        model = build("cuda", TINY, dtype=torch.float32)
+        tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        with activation_offloading(offload, "cuda"):
+            hidden = model.hidden_states(tokens)
+        loss, _ = ChunkedCrossEntropy(num_chunks=2)(hidden, shift_targets(tokens), model.output)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (loss, grads), (loss_off, grads_off) = run(False), run(True)
+    assert torch.equal(loss, loss_off) and all(torch.equal(a, b) for a, b in zip(grads, grads_off))
+
+
+def test_fsdp_per_rank_shards_state_and_adds_the_unsharded_layers():
+    model = build("meta", SMALL_NF4, adapters=False, dtype=torch.float32)
+    single = peak("meta", SMALL_NF4, adapters=False, dtype=torch.float32)
+    per_rank = fsdp_per_rank(single, model, world_size=4)
+    layer_bytes = sum(p.numel() * 4 for p in model.layers[0].parameters())
+    root_bytes = sum(p.numel() * 4 for name, p in model.named_parameters() if not name.startswith("layers."))
+    assert per_rank.breakdown["all_gather_buffers"] == int(root_bytes * 0.75) + 3 * layer_bytes
+    assert per_rank.breakdown["weights"] == -(-single.breakdown["weights"] // 4)
+    assert per_rank.breakdown["saved_activations"] == single.breakdown["saved_activations"]
+    assert per_rank.peak_bytes == sum(per_rank.breakdown.values()) < single.peak_bytes
+    assert per_rank.settings["nproc_per_node"] == 4
+
+
+TINY_CONFIG = """
+model:
+  _component_: torchft.models._llama.llama
+  vocab_size: 256
+  num_layers: 2
+  num_heads: 4
+  num_kv_heads: 2
+  embed_dim: 64
+  intermediate_dim: 128
+  max_seq_len: 4096
+  lora_attn_modules: [q_proj, v_proj]
+  apply_lora_to_mlp: true
+tokenizer:
+  max_seq_len: 1024
+batch_size: 2
+gradient_accumulation_steps: 1
+optimizer:
+  _component_: torchft.training.optim.build_adamw
+  lr: 0.001
+loss:
+  _component_: torchft.modules.loss.ChunkedCrossEntropy
+  num_chunks: 4
+clip_grad_norm: 1.0
+dtype: bf16
+enable_activation_checkpointing: false
+enable_activation_offloading: false
+"""
+
+
+@pytest.fixture
+def tiny_config():
+    return OmegaConf.create(TINY_CONFIG)
+
+
+def test_ways_to_fit_takes_the_cheapest_settings_first(tiny_config):
+    base = estimate_memory(tiny_config)
+    checkpointed = estimate_memory(tiny_config, ["enable_activation_checkpointing=true"])
+    # between the two: checkpointing alone is enough
+    budget = (base.needed_bytes + checkpointed.needed_bytes) // 2
+    overrides, fitted = ways_to_fit(tiny_config, (), budget)
+    assert overrides == ["enable_activation_checkpointing=true"]
+    assert fitted.peak_bytes == checkpointed.peak_bytes
+    # a budget below checkpointing + offloading: the batch is split, tokens per step kept
+    offloaded = estimate_memory(tiny_config, ["enable_activation_checkpointing=true",
+                                              "enable_activation_offloading=true"])
+    overrides, fitted = ways_to_fit(tiny_config, (), offloaded.needed_bytes - 1)
+    assert overrides[:2] == ["enable_activation_checkpointing=true", "enable_activation_offloading=true"]
+    assert "batch_size=1" in overrides[2:] and "gradient_accumulation_steps=2" in overrides[2:]
+    assert ways_to_fit(tiny_config, (), 1) is None
+
+
+def test_estimate_reads_the_config(tiny_config):
+    estimate = estimate_memory(tiny_config, ["batch_size=1"])
+    assert estimate.settings["batch_size"] == 1 and estimate.settings["seq_len"] == 1024
+    assert estimate.peak_bytes < estimate_memory(tiny_config).peak_bytes
+    with pytest.raises(ValueError, match=r"sets no tokenizer.max_seq_len"):
+        estimate_memory(OmegaConf.merge(tiny_config, {"tokenizer": {"max_seq_len": None}}))
+
+
+def test_parse_memory_size():
+    assert parse_memory_size("24GiB") == 24 * GIB
+    assert parse_memory_size("80GB") == 80 * 10**9
+    assert parse_memory_size("1.5 gib") == int(1.5 * GIB)
+    with pytest.raises(ValueError, match=r"memory size '24XB' is not understood; write e.g. 24GiB"):
+        parse_memory_size("24XB")
+
+
+def test_warn_if_over_memory_names_the_cheapest_fix(tiny_config, monkeypatch, caplog):
+    needed = estimate_memory(tiny_config).needed_bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (needed - 1, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    with caplog.at_level(logging.WARNING, logger="torchft"):
+        warn_if_over_memory(tiny_config, torch.device("cuda"))
+        warn_if_over_memory(tiny_config, torch.device("cpu"))  # nothing on the CPU
+    [record] = caplog.records
+    assert "exceeds the" in record.getMessage() and "try enable_activation_checkpointing=true" in record.getMessage()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ac", "ac"])
+def test_estimate_within_10_percent_of_cuda_max_memory_allocated(checkpointing):
+    from torchft.training.steps import forward_backward
+
+    predicted = peak("meta", ONE_B_LAYER, seq_len=2048, batch_size=2, accumulation=1,
+                     activation_checkpointing=checkpointing)
+    model = build("cuda", ONE_B_LAYER)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_adamw(trainable, lr=1e-3)
+    tokens = torch.randint(0, ONE_B_LAYER["vocab_size"], (2, 2048), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        forward_backward(model, [{"tokens": tokens, "labels": tokens}], ChunkedCrossEntropy(num_chunks=4))
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(predicted.peak_bytes - measured) <= 0.10 * measured, (predicted.peak_bytes, measured)

@@ -1,0 +1,95 @@
+"""``tune estimate --config <config> [overrides]``: the peak GPU memory of a config, before running it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from torchft import registry
+from torchft.cli._common import add_subcommand
+
+EPILOG = """\
+examples:
+  tune estimate --config llama3_1/8B_qlora_single_device
+  tune estimate --config llama3_2/1B_lora_single_device batch_size=8 --gpu-memory 24GiB
+  tune estimate --config my_config.yaml --gpu-memory 80GB --json
+  tune estimate --config my_fsdp_config.yaml --nproc-per-node 8
+
+One training step of the config's model, loss and optimizer runs on meta tensors (no GPU, no weights;
+dimensions from the model builder or the checkpoint folder's config.json), every sample max_seq_len
+tokens long. The peak is what torch.cuda.max_memory_allocated would report; "needed" adds the
+allocator overhead assumed (5% fragmentation + 0.75 GiB CUDA context). With --gpu-memory, a config
+that does not fit gets the cheapest settings that make it fit.
+"""
+
+KIND_LABELS = {
+    "weights": "weights",
+    "nf4_base": "NF4 base weights",
+    "adapters": "adapters",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "saved_activations": "saved activations",
+    "temporaries": "temporaries",
+    "loss_chunks": "loss chunks",
+    "all_gather_buffers": "FSDP all-gather buffers",
+}
+
+
+def register(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "estimate",
+        help="predict the peak GPU memory of a config without a GPU",
+        description="Predict the peak GPU memory of a fine-tuning config (shipped name or YAML path).",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--config", required=True, help="config name (see `tune ls`) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+    parser.add_argument("--gpu-memory", help="GPU memory to check against, e.g. 24GiB, 80GB")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="ranks of a distributed (FSDP2) run; the estimate is per rank")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=main)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def main(args: argparse.Namespace) -> int:
+    from torchft.training.estimate import estimate_memory, parse_memory_size, ways_to_fit
+
+    gpu_bytes = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
+    estimate = estimate_memory(args.config, args.overrides, nproc_per_node=args.nproc_per_node)
+    fix = None
+    if gpu_bytes is not None and not estimate.fits(gpu_bytes):
+        fix = ways_to_fit(args.config, args.overrides, gpu_bytes, nproc_per_node=args.nproc_per_node)
+    if args.json:
+        result = estimate.to_dict(gpu_bytes)
+        result["config"] = args.config
+        result["fits_with"] = None if fix is None else {"overrides": fix[0], "peak_gib": round(fix[1].peak_gib, 3)}
+        print(json.dumps(result))
+        return 0
+    s = estimate.settings
+    found = registry.find_config(args.config)
+    if found and found[0].name.endswith("_distributed") and args.nproc_per_node == 1:
+        print(f"note: {args.config} runs under torchrun; pass --nproc-per-node N for the per-rank estimate")
+    ranks = f", per rank of {s['nproc_per_node']}" if s.get("nproc_per_node", 1) > 1 else ""
+    print(f"{args.config}: batch {s['batch_size']} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
+          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, "
+          f"offloading {'on' if s['activation_offloading'] else 'off'}{ranks}")
+    print(f"peak GPU memory (allocated): {_gib(estimate.peak_bytes)}")
+    for kind, nbytes in estimate.breakdown.items():
+        print(f"  {KIND_LABELS.get(kind, kind):<24}{_gib(nbytes):>12}")
+    if estimate.host_bytes:
+        print(f"host (pinned CPU) memory for offloaded activations: {_gib(estimate.host_bytes)}")
+    print(f"needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context): {_gib(estimate.needed_bytes)}")
+    if gpu_bytes is not None:
+        if estimate.fits(gpu_bytes):
+            print(f"fits in {_gib(gpu_bytes)}")
+        elif fix is not None:
+            print(f"does not fit in {_gib(gpu_bytes)}; fits with: {' '.join(fix[0])} "
+                  f"(peak {_gib(fix[1].peak_bytes)}, needed {_gib(fix[1].needed_bytes)})")
+        else:
+            print(f"does not fit in {_gib(gpu_bytes)}, even with activation checkpointing, offloading, batch size 1, "
+                  "QLoRA and sequences of 512 tokens")
+    return 0
