@@ -294,3 +294,86 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on any rank (the same stop decision everywhere)."""
     return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+
+
+# ------------------------------------------------------------------------------------------ steps
+def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], loss_fn, output_params=(),
+                             offload_activations: bool = False) -> tuple[torch.Tensor, int]:
+    """``steps.forward_backward`` under data parallelism: the same update as one device with every
+    rank's samples in one batch.
+
+    Each rank's summed loss is divided by the target tokens of the whole step on all ranks (an
+    all-reduce before the first backward) and FSDP sums, not averages, the gradients; they are
+    reduced once, after the last micro-batch. Returns the global mean loss (the same on every rank,
+    so a non-finite check stops every rank alike) and the global number of target tokens.
+    """
+    from torchft.modules.loss import shift_targets
+    from torchft.training.activations import activation_offloading
+    from torchft.training.steps import count_target_tokens
+
+    device = micro_batches[0]["tokens"].device
+    local = count_target_tokens(micro_batches, loss_fn.ignore_index)
+    num_tokens = int(all_reduce_sum(torch.tensor([local], device=device)).item())
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if num_tokens == 0:  # every label masked on every rank: nothing to learn from this step
+        return total, 0
+    sharded = hasattr(model, "set_requires_gradient_sync")
+    for i, batch in enumerate(micro_batches):
+        if sharded:  # accumulate locally; reduce-scatter only with the last micro-batch's backward
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with activation_offloading(offload_activations, device):
+            hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+            loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
+                                  output_params)
+        (loss_sum / num_tokens).backward()
+        total += loss_sum.detach()
+    return all_reduce_sum(total) / num_tokens, num_tokens
+
+
+@torch.no_grad()
+def sharded_validation_loss(model: nn.Module, batches, loss_fn, device: torch.device) -> float:
+    """Token-weighted mean loss over every rank's validation batches (each rank runs the same count)."""
+    from torchft.modules.loss import shift_targets
+    from torchft.training.steps import to_device
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target tokens]
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+            loss_sum, n = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output)
+            sums += torch.stack([loss_sum.double(), torch.as_tensor(n, dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    all_reduce_sum(sums)
+    if sums[1] == 0:
+        raise ValueError("the validation dataset has no target tokens (every label is masked)")
+    return float(sums[0] / sums[1])
+
+
+def grad_norm_value(norm: torch.Tensor | None) -> torch.Tensor | None:
+    """The clipping norm of DTensor gradients as a plain tensor (the same on every rank)."""
+    return None if norm is None else full_tensor(norm)
+
+
+def sharded_optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn, loss_params, optimizer,
+                           lr_scheduler, trainable_params, *, max_grad_norm: float | None,
+                           offload_activations: bool, step: int, last_checkpoint: str | None,
+                           batch_size: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """``steps.optimizer_step`` with :func:`sharded_forward_backward`: the finite check sees the global
+    loss and clipping the global norm of the sharded gradients, so every rank decides alike."""
+    from torchft.training.optim import clip_grad_norm
+    from torchft.training.steps import check_finite, out_of_memory_message
+
+    try:
+        loss, num_tokens = sharded_forward_backward(model, micro_batches, loss_fn, loss_params, offload_activations)
+        check_finite(loss, step, last_checkpoint)
+        grad_norm = grad_norm_value(clip_grad_norm(trainable_params, max_grad_norm))
+        optimizer.step()
+    except torch.OutOfMemoryError as err:
+        raise MemoryError(out_of_memory_message(step, batch_size, micro_batches[0]["tokens"].shape[1])) from err
+    optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()
+    return loss, num_tokens, grad_norm
