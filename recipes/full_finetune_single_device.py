@@ -9,6 +9,7 @@ clip_grad_norm). Every save writes ``<output_dir>/step_<N>/``: the model as an H
 ``training_state.pt`` for ``resume_from_checkpoint``. The file reads top to bottom: setup, loop, save.
 """
 import logging
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,18 +22,17 @@ from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import cpu_state_dict
 from torchft.training.compile import compile_layers
 from torchft.training.optim import OptimizerInBackward
+from torchft.training.loop import TrainingLoop
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
-from torchft.training.samples import format_samples, generate_samples
+from torchft.training.samples import print_samples
 from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
                                     check_tokenizer_fits, default_dtype, load_full_model, model_args_summary,
                                     warn_if_earlier_run)
-from torchft.training.signals import StopRequested
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (endless, next_micro_batches, optimizer_step, to_device, total_training_steps,
+from torchft.training.steps import (StepResult, endless, optimizer_step, total_training_steps,
                                     validation_loss)
-from torchft.training.throughput import (ProgressBar, StepTimer, model_flops_per_token, reset_peak_memory,
-                                         step_metrics)
+from torchft.training.throughput import model_flops_per_token
 
 log = logging.getLogger("torchft")
 
@@ -109,59 +109,28 @@ def main(cfg: DictConfig) -> None:
 
     prompts = list(cfg.get("sample_prompts") or [])
     if prompts:
-        print(format_samples("samples before fine-tuning:",
-                             prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
-    if val_loader is not None and step == 0:
-        val = validation_loss(model, val_loader, loss_fn, device)
-        metric_logger.log({"val_loss": val}, step=0)
-        print(f"step 0: validation loss {val:.4f}")
+        print_samples("samples before fine-tuning:", model, tokenizer, prompts, cfg.sample_max_new_tokens)
 
     # ------------------------------------------------------------------ loop
-    batches = endless(loader)  # epoch after epoch, from the restored position when resuming
-    last_save = str(resume_dir) if resume_dir is not None else None
-    progress = ProgressBar(total_steps, initial=step, disable=not cfg.get("progress_bar", True))
-    timer = StepTimer(device)
+    def train_step(micro_batches: list[dict], step: int) -> StepResult:
+        return optimizer_step(model, micro_batches, loss_fn, loss_params, optimizer, lr_scheduler, trainable,
+                              max_grad_norm=cfg.get("clip_grad_norm"),
+                              offload_activations=cfg.get("enable_activation_offloading", False), step=step,
+                              last_checkpoint=loop.last_checkpoint, batch_size=cfg.batch_size)
+
+    loop = TrainingLoop(
+        total_steps, save, metric_logger, device, start_step=step, gradient_accumulation_steps=accum,
+        save_every_n_steps=cfg.save_every_n_steps, log_every_n_steps=cfg.get("log_every_n_steps", 1),
+        eval_every_n_steps=cfg.get("eval_every_n_steps"),
+        validate=None if val_loader is None else partial(validation_loss, model, val_loader, loss_fn, device),
+        flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
+        last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
     model.train()
-    with StopRequested() as stop:
-        while step < total_steps and not stop.requested:
-            micro_batches = [to_device(b, device) for b in next_micro_batches(batches, accum)]
-            step += 1
-            reset_peak_memory(device)
-            timer.start()
-            loss, num_tokens, grad_norm = optimizer_step(
-                model, micro_batches, loss_fn, loss_params, optimizer, lr_scheduler, trainable,
-                max_grad_norm=cfg.get("clip_grad_norm"),
-                offload_activations=cfg.get("enable_activation_offloading", False), step=step, last_checkpoint=last_save, batch_size=cfg.batch_size)
-            seconds = timer.stop()
-            seq_len = micro_batches[0]["tokens"].shape[1]
-            flops_per_tok = model_flops_per_token(model.args, seq_len, full_finetune=True)
+    loop.run(endless(loader), train_step, lr=lambda: optimizer.param_groups[0]["lr"])  # a stop: saves, exits
 
-            metrics = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "tokens": num_tokens, **step_metrics(num_tokens, seconds, flops_per_tok, device)}
-            progress.update(metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
-                            metrics.get("peak_memory_alloc_gib", metrics.get("peak_rss_gib")))
-            if step % cfg.get("log_every_n_steps", 1) == 0:
-                metric_logger.log(metrics, step=step)
-            every = cfg.get("eval_every_n_steps")
-            if val_loader is not None and (step == total_steps or (every and step % every == 0)):
-                val = validation_loss(model, val_loader, loss_fn, device)
-                metric_logger.log({"val_loss": val}, step=step)
-                progress.write(f"step {step}: validation loss {val:.4f}")
-
-            # ---------------------------------------------------------- save
-            if step % cfg.save_every_n_steps == 0 or step == total_steps or stop.requested:
-                last_save = save(step)
-                progress.write(f"step {step}: saved {last_save}")
-    progress.close()
-    if stop.requested:
-        metric_logger.close()
-        log.warning("%s received: saved %s; continue with resume_from_checkpoint=%s", stop.requested, last_save,
-                    last_save)
-        raise SystemExit(stop.exit_code)
+    # ------------------------------------------------------------------ after training
     if prompts:
-        print(format_samples("samples after fine-tuning:",
-                             prompts, generate_samples(model, tokenizer, prompts, cfg.sample_max_new_tokens)))
+        print_samples("samples after fine-tuning:", model, tokenizer, prompts, cfg.sample_max_new_tokens)
     metric_logger.close()
 
 

@@ -32,3 +32,8 @@ def format_samples(title: str, prompts: Sequence[str], completions: Sequence[str
     for prompt, completion in zip(prompts, completions):
         lines.append(f"  {' '.join(prompt.split())!r} -> {completion!r}")
     return "\n".join(lines)
+
+
+def print_samples(title: str, model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> None:
+    """Print ``title`` and the model's greedy completion of each prompt."""
+    print(format_samples(title, prompts, generate_samples(model, tokenizer, prompts, max_new_tokens)))

@@ -8,6 +8,7 @@ target tokens. 4 micro-batches of 1 sample and 1 micro-batch of 4 samples give t
 import itertools
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,6 +16,20 @@ from torch import nn
 from torchft.modules.loss import IGNORE_INDEX, ChunkedCrossEntropy, shift_targets
 from torchft.training.activations import activation_offloading
 from torchft.training.optim import clip_grad_norm
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step returns to the loop (global values under data parallelism).
+
+    ``loss``: [] fp32 mean loss over the step's target tokens, on the device (read back only when
+    logged). ``num_target_tokens``: tokens that carried a loss. ``grad_norm``: [] the gradient norm
+    before clipping, or None when not computed.
+    """
+
+    loss: torch.Tensor
+    num_target_tokens: int | torch.Tensor
+    grad_norm: torch.Tensor | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,10 +159,10 @@ def endless(loader) -> Iterator[dict]:
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy,
                    loss_params, optimizer, lr_scheduler, trainable_params, *, max_grad_norm: float | None,
                    offload_activations: bool, step: int, last_checkpoint: str | None,
-                   batch_size: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+                   batch_size: int) -> StepResult:
     """One optimizer step over ``micro_batches``: token-weighted forward/backward, a finite-loss check
     before the update (a NaN never reaches the weights), gradient clipping, the update, then the LR
-    schedule. Returns (loss, target tokens, grad norm or None).
+    schedule.
 
     Running out of device memory becomes a ``MemoryError`` naming the settings that lower memory.
     """
@@ -161,4 +176,4 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: Chu
         raise MemoryError(out_of_memory_message(step, batch_size, seq_len)) from err
     optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
-    return loss, num_tokens, grad_norm
+    return StepResult(loss, num_tokens, grad_norm)

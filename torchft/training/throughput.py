@@ -111,11 +111,15 @@ class ProgressBar:
 
         self._bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, unit="step")
 
-    def update(self, loss: float, lr: float, tokens_per_s: float, peak_memory_gib: float | None) -> None:
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-        if peak_memory_gib is not None:
-            postfix["mem"] = f"{peak_memory_gib:.2f}GiB"
-        self._bar.set_postfix(postfix, refresh=False)
+    def update(self, metrics: dict | None = None) -> None:
+        """Advance one step; ``metrics`` (a logged step's, already read back) refresh the shown values."""
+        if metrics is not None:
+            postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                       "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+            peak = metrics.get("peak_memory_alloc_gib", metrics.get("peak_rss_gib"))
+            if peak is not None:
+                postfix["mem"] = f"{peak:.2f}GiB"
+            self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
     def write(self, message: str) -> None:

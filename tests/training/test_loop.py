@@ -1,0 +1,99 @@
+"""The shared training loop: cadences, main-process-only output, stop handling on every rank."""
+import itertools
+import os
+import signal
+
+import pytest
+import torch
+
+from torchft.training.loop import TrainingLoop
+from torchft.training.metric_logging import MetricLogger
+from torchft.training.steps import StepResult
+
+
+class Recorder(MetricLogger):
+    def __init__(self):
+        self.lines, self.closed = [], False
+
+    def log(self, metrics, step):
+        self.lines.append((step, dict(metrics)))
+
+    def close(self):
+        self.closed = True
+
+
+def batches():
+    for i in itertools.count():
+        yield {"tokens": torch.full((2, 5), i), "labels": torch.full((2, 5), i)}
+
+
+def make_loop(logger, saves, **kwargs):
+    def save(step):
+        saves.append(step)
+        return f"out/step_{step}"
+
+    defaults = dict(save_every_n_steps=3, log_every_n_steps=2, eval_every_n_steps=4, progress_bar=False)
+    return TrainingLoop(7, save, logger, torch.device("cpu"), **{**defaults, **kwargs})
+
+
+def fixed_step(micro_batches, step):
+    return StepResult(loss=torch.tensor(1.0 / step), num_target_tokens=8 * len(micro_batches),
+                      grad_norm=torch.tensor(0.5))
+
+
+def test_cadences_and_what_is_logged():
+    logger, saves, seen = Recorder(), [], []
+
+    def train_step(micro_batches, step):
+        seen.append((step, [int(b["tokens"][0, 0]) for b in micro_batches]))
+        return fixed_step(micro_batches, step)
+
+    loop = make_loop(logger, saves, gradient_accumulation_steps=2, validate=lambda: 2.5)
+    loop.run(batches(), train_step, lr=lambda: 1e-3)
+    assert seen[:2] == [(1, [0, 1]), (2, [2, 3])]  # 2 micro-batches per step, in order
+    assert saves == [3, 6, 7]  # every 3 steps and the last one
+    assert loop.last_checkpoint == "out/step_7"
+    assert [s for s, m in logger.lines if "loss" in m] == [2, 4, 6]
+    assert [s for s, m in logger.lines if "val_loss" in m] == [0, 4, 7]
+    step2 = next(m for s, m in logger.lines if s == 2 and "loss" in m)
+    assert step2["loss"] == 0.5 and step2["grad_norm"] == 0.5 and step2["tokens"] == 16 and step2["lr"] == 1e-3
+    assert not logger.closed  # the recipe closes it after its own post-training work
+
+
+def test_resumed_loop_starts_after_its_step_and_skips_step_0_validation():
+    logger, saves = Recorder(), []
+    loop = make_loop(logger, saves, start_step=5, validate=lambda: 1.0, last_checkpoint="out/step_5")
+    loop.run(batches(), fixed_step)
+    assert [s for s, m in logger.lines if "loss" in m] == [6]
+    assert [s for s, m in logger.lines if "val_loss" in m] == [7]
+    assert saves == [6, 7]
+
+
+def test_only_the_main_process_logs_but_every_rank_saves_and_validates():
+    logger, saves, validations = Recorder(), [], []
+    loop = make_loop(logger, saves, is_main_process=False, validate=lambda: validations.append(1) or 1.0)
+    loop.run(batches(), fixed_step)
+    assert logger.lines == [] and saves == [3, 6, 7] and len(validations) == 3  # steps 0, 4, 7
+
+
+def test_a_stop_on_another_rank_saves_and_exits_on_this_one():
+    logger, saves = Recorder(), []
+    loop = make_loop(logger, saves, any_rank=lambda local: loop.step == 2)
+    with pytest.raises(SystemExit) as stopped:
+        loop.run(batches(), fixed_step)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert saves == [2] and logger.closed
+
+
+def test_sigterm_during_a_step_saves_that_step_then_exits():
+    logger, saves = Recorder(), []
+
+    def train_step(micro_batches, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fixed_step(micro_batches, step)
+
+    loop = make_loop(logger, saves)
+    with pytest.raises(SystemExit) as stopped:
+        loop.run(batches(), train_step)
+    assert stopped.value.code == 128 + signal.SIGTERM and saves == [2]

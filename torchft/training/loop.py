@@ -1,0 +1,180 @@
+"""The training loop every fine-tuning recipe shares: steps, metrics, validation, saves, stop handling.
+
+A recipe builds its model, data and optimizer, then hands the loop two callables it owns, the train
+step and the save, and runs it::
+
+    def train_step(micro_batches: list[dict], step: int) -> StepResult:
+        return optimizer_step(model, micro_batches, ...)           # forward, backward, update
+
+    def save(step: int) -> str:
+        return str(checkpointer.save(step, ...))                    # the step folder written
+
+    loop = TrainingLoop(total_steps, save, metric_logger, device, start_step=step,
+                        gradient_accumulation_steps=accum, save_every_n_steps=cfg.save_every_n_steps,
+                        log_every_n_steps=cfg.log_every_n_steps, eval_every_n_steps=cfg.eval_every_n_steps,
+                        validate=lambda: validation_loss(model, val_loader, loss_fn, device),
+                        flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
+                        last_checkpoint=resume_dir)
+    loop.run(endless(loader), train_step, lr=lambda: optimizer.param_groups[0]["lr"])
+    # returns at total_steps; on SIGINT/SIGTERM it saves, then raises SystemExit(128 + signal)
+
+Per optimizer step the loop draws ``gradient_accumulation_steps`` micro-batches, moves them to the
+device, calls ``train_step``, and then, on its cadences: logs the metrics (every
+``log_every_n_steps``), runs ``validate`` (every ``eval_every_n_steps`` and at the last step; at step
+0 too on a fresh run) and calls ``save`` (every ``save_every_n_steps``, at the last step, and when a
+stop was requested). It reads the step's values (loss, grad norm) back from the device only on
+logging steps.
+
+Distributed recipes use it unchanged: every rank runs the loop (``train_step``, ``validate`` and
+``save`` may be collectives; they are called on every rank at the same steps); only the rank with
+``is_main_process=True`` prints, logs and shows the progress bar. ``train_step`` returns global
+values (it all-reduces the target-token count before backward, the loss's denominator, and the
+loss for logging), so what rank 0 logs is the whole step's.
+``any_rank`` turns this rank's "stop requested" into the same decision on every rank (e.g. an
+all-reduce MAX); without it the local flag decides.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+import torch
+
+from torchft.training.signals import StopRequested
+from torchft.training.steps import StepResult, next_micro_batches, to_device
+from torchft.training.throughput import ProgressBar, StepTimer, reset_peak_memory, step_metrics
+
+log = logging.getLogger("torchft")
+
+
+def _scalar(value) -> float | None:
+    return None if value is None else float(value)
+
+
+class TrainingLoop:
+    """Runs optimizer steps from ``start_step`` to ``total_steps`` (see the module docstring).
+
+    Args:
+        total_steps: the last optimizer step of the run.
+        save: ``save(step) -> str`` writes the step folder and returns its path (called on every rank).
+        metric_logger: a :mod:`torchft.training.metric_logging` logger (used on the main process only).
+        device: the training device (micro-batches are moved to it; timing and memory are measured on it).
+        start_step: steps already done (a resumed run's step).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        save_every_n_steps / log_every_n_steps / eval_every_n_steps: the cadences (None: never, except
+            that the last step always saves and validates).
+        validate: ``validate() -> float``, the validation loss, or None for no validation.
+        flops_per_token: ``flops_per_token(seq_len) -> float`` for the MFU estimate, or None.
+        last_checkpoint: the folder the run resumed from, named in messages until the first save.
+        progress_bar: show a tqdm bar (main process only).
+        is_main_process: this process prints and logs.
+        any_rank: ``any_rank(local_flag) -> bool``, the same stop decision on every rank.
+    """
+
+    def __init__(self, total_steps: int, save: Callable[[int], str], metric_logger, device: torch.device, *,
+                 start_step: int = 0, gradient_accumulation_steps: int = 1, save_every_n_steps: int | None = None,
+                 log_every_n_steps: int | None = 1, eval_every_n_steps: int | None = None,
+                 validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
+                 last_checkpoint=None, progress_bar: bool = True, is_main_process: bool = True,
+                 any_rank: Callable[[bool], bool] | None = None):
+        self.total_steps, self.save, self.metric_logger = total_steps, save, metric_logger
+        self.device = torch.device(device)
+        self.step = start_step
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.save_every, self.log_every, self.eval_every = save_every_n_steps, log_every_n_steps, eval_every_n_steps
+        self.validate, self.flops_per_token = validate, flops_per_token
+        self.last_checkpoint = None if last_checkpoint is None else str(last_checkpoint)
+        self.is_main_process = is_main_process
+        self.any_rank = any_rank or (lambda local: local)
+        self._show_progress = progress_bar and is_main_process
+
+    # ------------------------------------------------------------------ cadences
+    @staticmethod
+    def _every(step: int, n: int | None) -> bool:
+        return bool(n) and step % n == 0
+
+    def _is_last(self, step: int) -> bool:
+        return step == self.total_steps
+
+    # ------------------------------------------------------------------ output (main process only)
+    def _log(self, metrics: dict, step: int) -> None:
+        if self.is_main_process:
+            self.metric_logger.log(metrics, step=step)
+
+    def _write(self, progress: ProgressBar | None, message: str) -> None:
+        if not self.is_main_process:
+            return
+        if progress is not None:
+            progress.write(message)
+        else:
+            print(message)
+
+    def _validate(self, step: int, progress: ProgressBar | None) -> None:
+        val = self.validate()
+        self._log({"val_loss": val}, step)
+        self._write(progress, f"step {step}: validation loss {val:.4f}")
+
+    def _step_metrics(self, result: StepResult, seconds: float, seq_len: int, lr: float) -> dict:
+        """The logged metrics of a step: the only place the loop reads values back from the device."""
+        num_tokens = int(result.num_target_tokens)
+        flops = self.flops_per_token(seq_len) if self.flops_per_token is not None else 0.0
+        metrics = {"loss": _scalar(result.loss), "lr": lr, "grad_norm": _scalar(result.grad_norm),
+                   "tokens": num_tokens, **step_metrics(num_tokens, seconds, flops, self.device)}
+        if self.flops_per_token is None:
+            metrics.pop("mfu", None)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, batches: Iterator[dict], train_step: Callable[[list[dict], int], StepResult],
+            lr: Callable[[], float] | None = None) -> None:
+        """Train until ``total_steps`` (or a stop request: then save and raise ``SystemExit``).
+
+        ``batches`` yields collated micro-batches (on the CPU or the device); ``train_step(micro_batches,
+        step)`` runs one optimizer step; ``lr()`` gives the learning rate to log.
+        """
+        if self.validate is not None and self.step == 0:
+            self._validate(0, None)
+        progress = ProgressBar(self.total_steps, initial=self.step, disable=not self._show_progress)
+        timer = StepTimer(self.device)
+        stopping = False
+        with StopRequested() as stop:
+            while self.step < self.total_steps:
+                micro_batches = [to_device(b, self.device)
+                                 for b in next_micro_batches(batches, self.gradient_accumulation_steps)]
+                self.step += 1
+                step = self.step
+                reset_peak_memory(self.device)
+                timer.start()
+                result = train_step(micro_batches, step)
+                seconds = timer.stop()
+
+                if self._every(step, self.log_every):
+                    metrics = self._step_metrics(result, seconds, micro_batches[0]["tokens"].shape[1],
+                                                 lr() if lr is not None else float("nan"))
+                    self._log(metrics, step)
+                    progress.update(metrics)
+                else:
+                    progress.update()
+                if self.validate is not None and (self._is_last(step) or self._every(step, self.eval_every)):
+                    self._validate(step, progress)
+
+                # Checked once per step, after it: a signal during a step saves that step.
+                stopping = self.any_rank(stop.requested is not None)
+                if self._every(step, self.save_every) or self._is_last(step) or stopping:
+                    self.last_checkpoint = self.save(step)
+                    self._write(progress, f"step {step}: saved {self.last_checkpoint}")
+                if stopping:
+                    break
+        progress.close()
+        if stopping or stop.requested is not None:  # (a signal during the last save: it was saved)
+            self._stop(stop)
+
+    def _stop(self, stop: StopRequested):
+        self.metric_logger.close()
+        if self.is_main_process:
+            log.warning("%s received: saved %s; continue with resume_from_checkpoint=%s",
+                        stop.requested or "a stop request on another rank", self.last_checkpoint,
+                        self.last_checkpoint)
+        # 128 + the signal number, as a shell reports a process ended by it (SIGTERM when another rank got it)
+        raise SystemExit(stop.exit_code or 128 + signal.SIGTERM)
