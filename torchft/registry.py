@@ -94,6 +94,14 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="lora_finetune_distributed",
+        file_path="lora_finetune_distributed.py",
+        supports_distributed=True,
+        configs=_configs(
+            "quickstart/lora_distributed",
+        ),
+    ),
+    Recipe(
         name="eleuther_eval",
         file_path="eleuther_eval.py",
         supports_distributed=False,

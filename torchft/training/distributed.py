@@ -168,11 +168,11 @@ def shard_model(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = Non
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for layer in model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
+    # The root stays gathered from forward to backward: the fused loss differentiates its output
+    # projection's gathered parameters, which must be the same tensors in every chunk.
+    fully_shard(model, reshard_after_forward=False, **options)
     for method in ("hidden_states", "output"):  # called by the recipes instead of forward()
         register_fsdp_forward_method(model, method)
-    # The loss is divided by the global token count already: gradients are summed, not averaged.
-    model.set_gradient_divide_factor(1.0)
     return True
 
 
@@ -297,17 +297,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ steps
-def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], loss_fn, output_params=(),
+def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], loss_fn, _output_params=(),
                              offload_activations: bool = False) -> tuple[torch.Tensor, int]:
     """``steps.forward_backward`` under data parallelism: the same update as one device with every
     rank's samples in one batch.
 
     Each rank's summed loss is divided by the target tokens of the whole step on all ranks (an
     all-reduce before the first backward) and FSDP sums, not averages, the gradients; they are
-    reduced once, after the last micro-batch. Returns the global mean loss (the same on every rank,
+    reduced once, after the last micro-batch. FSDP averages gradients over the ranks, so each rank's
+    loss is scaled by their number to make the reduction the sum over all of the step's tokens. Returns the global mean loss (the same on every rank,
     so a non-finite check stops every rank alike) and the global number of target tokens.
+
+    The fused loss differentiates the output projection's parameters itself; under FSDP those are the
+    root unit's gathered parameters, which exist only after ``hidden_states``: they are looked up
+    then (the recipe's own list, ``_output_params``, names the sharded ones and is not used).
     """
-    from torchft.modules.loss import shift_targets
+    from torchft.modules.loss import output_params, shift_targets
     from torchft.training.activations import activation_offloading
     from torchft.training.steps import count_target_tokens
 
@@ -318,14 +323,15 @@ def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], lo
     if num_tokens == 0:  # every label masked on every rank: nothing to learn from this step
         return total, 0
     sharded = hasattr(model, "set_requires_gradient_sync")
+    ranks = dist.get_world_size() if sharded else 1
     for i, batch in enumerate(micro_batches):
         if sharded:  # accumulate locally; reduce-scatter only with the last micro-batch's backward
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         with activation_offloading(offload_activations, device):
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
-                                  output_params)
-        (loss_sum / num_tokens).backward()
+                                  output_params(model))
+        (loss_sum * ranks / num_tokens).backward()
         total += loss_sum.detach()
     return all_reduce_sum(total) / num_tokens, num_tokens
 
@@ -357,23 +363,3 @@ def grad_norm_value(norm: torch.Tensor | None) -> torch.Tensor | None:
     """The clipping norm of DTensor gradients as a plain tensor (the same on every rank)."""
     return None if norm is None else full_tensor(norm)
 
-
-def sharded_optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn, loss_params, optimizer,
-                           lr_scheduler, trainable_params, *, max_grad_norm: float | None,
-                           offload_activations: bool, step: int, last_checkpoint: str | None,
-                           batch_size: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """``steps.optimizer_step`` with :func:`sharded_forward_backward`: the finite check sees the global
-    loss and clipping the global norm of the sharded gradients, so every rank decides alike."""
-    from torchft.training.optim import clip_grad_norm
-    from torchft.training.steps import check_finite, out_of_memory_message
-
-    try:
-        loss, num_tokens = sharded_forward_backward(model, micro_batches, loss_fn, loss_params, offload_activations)
-        check_finite(loss, step, last_checkpoint)
-        grad_norm = grad_norm_value(clip_grad_norm(trainable_params, max_grad_norm))
-        optimizer.step()
-    except torch.OutOfMemoryError as err:
-        raise MemoryError(out_of_memory_message(step, batch_size, micro_batches[0]["tokens"].shape[1])) from err
-    optimizer.zero_grad(set_to_none=True)
-    lr_scheduler.step()
-    return loss, num_tokens, grad_norm

@@ -237,3 +237,31 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
     if is_main:
         checkpointer._prune(keep=target)
     return target
+
+
+def recipe_state(step: int, lr_scheduler, loader, run: Mapping, global_batch_size: int) -> dict:
+    """What rank 0 keeps in ``training_state.pt`` beside the DCP shards (every rank's RNG is the same:
+    all start from one seed and draw alike)."""
+    from torchft.training.rng import get_rng_state
+
+    return {"step": int(step), "lr_scheduler": lr_scheduler.state_dict(), "dataloader": loader.state_dict(),
+            "rng": get_rng_state(), "run": dict(run), "global_batch_size": int(global_batch_size)}
+
+
+def restore_recipe_state(state: Mapping, lr_scheduler, loader, global_batch_size: int) -> int:
+    """Put the LR schedule, data position and RNG back; returns the step to continue after.
+
+    The data position is counted in global batches, so it carries over to another world size as long
+    as the global ``batch_size`` is the same.
+    """
+    from torchft.training.lr_schedule import load_lr_scheduler_state
+    from torchft.training.rng import set_rng_state
+
+    if state.get("global_batch_size") != global_batch_size:
+        raise ValueError(f"cannot resume the data order: saved batch_size={state.get('global_batch_size')} "
+                         f"but this run has batch_size={global_batch_size}")
+    data = {**state["dataloader"], "batch_size": loader.batch_size, "world_size": loader.world_size}
+    loader.load_state_dict(data)
+    load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

@@ -159,15 +159,16 @@ def endless(loader) -> Iterator[dict]:
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy,
                    loss_params, optimizer, lr_scheduler, trainable_params, *, max_grad_norm: float | None,
                    offload_activations: bool, step: int, last_checkpoint: str | None,
-                   batch_size: int) -> StepResult:
+                   batch_size: int, forward_backward_fn=None) -> StepResult:
     """One optimizer step over ``micro_batches``: token-weighted forward/backward, a finite-loss check
     before the update (a NaN never reaches the weights), gradient clipping, the update, then the LR
     schedule.
 
     Running out of device memory becomes a ``MemoryError`` naming the settings that lower memory.
+    ``forward_backward_fn`` replaces :func:`forward_backward` (data-parallel recipes pass theirs).
     """
     try:
-        loss, num_tokens = forward_backward(model, micro_batches, loss_fn, loss_params, offload_activations)
+        loss, num_tokens = (forward_backward_fn or forward_backward)(model, micro_batches, loss_fn, loss_params, offload_activations)
         check_finite(loss, step, last_checkpoint)
         grad_norm = clip_grad_norm(trainable_params, max_grad_norm)
         optimizer.step()  # the first step also allocates the optimizer state
