@@ -94,6 +94,14 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="full_finetune_distributed",
+        file_path="full_finetune_distributed.py",
+        supports_distributed=True,
+        configs=_configs(
+            "quickstart/full_distributed",
+        ),
+    ),
+    Recipe(
         name="lora_finetune_distributed",
         file_path="lora_finetune_distributed.py",
         supports_distributed=True,

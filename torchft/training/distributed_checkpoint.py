@@ -154,7 +154,9 @@ def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = 
 def _trainable_state(model: nn.Module, optimizer, adapters_only: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=adapters_only)
+    # Adapters only: the frozen base is not saved, so loading must not ask for it (DCP itself still
+    # fails on any adapter or optimizer entry the checkpoint lacks).
+    options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optimizer": optim_sd}, options
 
