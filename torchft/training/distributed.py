@@ -35,7 +35,7 @@ from torch import nn
 LAUNCH_HINT = "tune run --nproc_per_node <GPUs> {recipe} --config <config>"
 
 
-class NotLaunchedError(RuntimeError):
+class NotLaunchedError(ValueError):
     """A distributed recipe was started without torchrun."""
 
 
