@@ -166,10 +166,13 @@ def run_distributed(argv: Sequence[str]) -> int:
     try:
         run(torchrun_args)
     except ChildFailedError as err:
-        ranks = sorted(err.failures)
-        first = err.failures[ranks[0]]
+        # The rank that failed first is the cause; the others were stopped because of it.
+        rank, first = err.get_first_failure()
+        how = f"exit code {first.exitcode}"
+        if first.exitcode < 0:
+            how += f", killed by {first.signal_name()}"
         raise ChildProcessError(
-            f"{len(ranks)} recipe process(es) failed (rank {ranks[0]}: exit code {first.exitcode}); "
+            f"{len(err.failures)} recipe process(es) failed (rank {rank}: {how}); "
             "their error is printed above"
         ) from None
     return 0
