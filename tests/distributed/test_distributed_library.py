@@ -126,5 +126,6 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
 def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
     result, seconds = _worker(tmp_path, mode="hang", timeout_minutes=0.1)  # 6 s
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "recipe process(es) failed (rank 0: exit code 1)" in result.stderr.splitlines()[-1]
-    assert seconds < 60
+    # rank 0's collective timed out (the process group aborts it); rank 1 was stopped because of it
+    assert "recipe process(es) failed (rank 0: exit code" in result.stderr.splitlines()[-1]
+    assert seconds < 60, seconds  # not the 30 minutes of the default process group

@@ -119,7 +119,7 @@ def check_launch(nproc_per_node, nnodes, cfg) -> None:
     import torch
 
     nproc = _as_int(nproc_per_node)
-    if nproc is not None and str(cfg.get("device", "cuda")).startswith("cuda"):
+    if nproc is not None and str(cfg.get("device") or "").startswith("cuda"):
         visible = torch.cuda.device_count()
         if nproc > visible:
             raise ValueError(f"--nproc_per_node ({nproc}) is above the {visible} visible GPU(s) of this machine "
