@@ -136,3 +136,32 @@ def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
     adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
     assert _max_diff(adapter("dist"), adapter("single")) < 1e-4
     assert any("magnitude" in k for k in adapter("dist"))
+
+
+def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):
+    import signal
+    import subprocess
+    import time
+
+    from torchft.checkpoint import resolve_resume_dir
+
+    from ._launch import TUNE
+
+    out = tmp_path / "out"
+    overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000",
+                                                       "validation_dataset=null", "eval_every_n_steps=null"])
+    args = [*TUNE, "run", "--standalone", "--nproc_per_node", "2", "lora_finetune_distributed", "--config",
+            "quickstart/lora_distributed", *overrides]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # what SLURM sends on pre-emption
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "tune: stopped by SIGTERM; the recipe processes exited after saving (see above)"
+    saved = resolve_resume_dir("latest", out)
+    step = int(saved.name.split("_")[1])
+    assert 2 <= step < 500 and (saved / "distributed" / ".metadata").is_file()
+    assert f"SIGTERM received: saved {saved}" in stderr

@@ -163,8 +163,15 @@ def run_distributed(argv: Sequence[str]) -> int:
 
     torchrun_args.training_script = str(script)
     torchrun_args.training_script_args = ["--config", recipe_args.config, *recipe_args.overrides]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         run(torchrun_args)
+    except SignalException as err:
+        # torchrun passed the signal on to the recipe processes, which saved a step folder and exited.
+        print(f"tune: stopped by {err.sigval.name}; the recipe processes exited after saving (see above)",
+              file=sys.stderr)
+        raise SystemExit(128 + int(err.sigval)) from None
     except ChildFailedError as err:
         # The rank that failed first is the cause; the others were stopped because of it.
         rank, first = err.get_first_failure()
