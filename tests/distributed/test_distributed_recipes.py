@@ -109,8 +109,9 @@ def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
     from torchft._recipes import full_finetune_single_device
 
     dist, single = tmp_path / "dist", tmp_path / "single"
+    # activation checkpointing recomputes each layer inside FSDP's gathered unit: the same numbers
     _run_ok(launch("full_finetune_distributed", "quickstart/full_distributed",
-                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3"])))
+                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true"])))
     full_finetune_single_device.main(tiny_config("full", single, base, single_device_overrides(["optimizer.lr=1e-3"])))
     losses, reference = train_losses(dist / "out"), train_losses(single / "out")
     assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
@@ -127,15 +128,18 @@ def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
     base = make_base(root, TINY_NF4_SHARDABLE)
     extra = ["+model.quantize_base=true", "+model.use_dora=true", "model.lora_rank=8", "model.lora_alpha=16",
              "max_steps=2", "optimizer.lr=1e-3"]
-    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                   tiny_overrides(root / "dist", base, *data, extra)))
+    for run, nproc in (("dist", 2), ("dist1", 1)):  # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
+        _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                       tiny_overrides(root / run, base, *data, extra), nproc=nproc))
     lora_finetune_single_device.main(tiny_config("lora", root / "single", base, single_device_overrides(extra)))
-    losses, reference = train_losses(root / "dist" / "out"), train_losses(root / "single" / "out")
-    assert list(losses) == [1, 2]
-    assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+    reference = train_losses(root / "single" / "out")
     adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
-    assert _max_diff(adapter("dist"), adapter("single")) < 1e-4
-    assert any("magnitude" in k for k in adapter("dist"))
+    assert any("magnitude" in k for k in adapter("single"))
+    for run in ("dist", "dist1"):
+        losses = train_losses(root / run / "out")
+        assert list(losses) == [1, 2]
+        assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+        assert _max_diff(adapter(run), adapter("single")) < 1e-4
 
 
 def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):
