@@ -152,7 +152,8 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     from ._launch import TUNE
 
     out = tmp_path / "out"
-    overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000",
+    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well
+    overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000", "replicas=2",
                                                        "validation_dataset=null", "eval_every_n_steps=null"])
     args = [*TUNE, "run", "--standalone", "--nproc_per_node", "2", "lora_finetune_distributed", "--config",
             "quickstart/lora_distributed", *overrides]

@@ -162,7 +162,10 @@ def shard_model(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = Non
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     shard_count = mesh["shard"].size() if mesh.ndim > 1 else mesh.size()
-    if shard_count == 1 and mesh.ndim == 1 and has_nf4_weights(model):
+    if shard_count == 1 and has_nf4_weights(model):
+        if mesh.size() > 1:  # replicas without sharding would need FSDP2 on NF4 with a single shard
+            raise ValueError(f"NF4 base weights need at least 2 ranks per shard group: replicas "
+                             f"({mesh.size()}) must be below the world size ({mesh.size()}) for QLoRA")
         return False
     options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
