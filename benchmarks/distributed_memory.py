@@ -34,7 +34,7 @@ def worker(base: str, out: str) -> None:
     from torchft.models import from_hf_config
     from torchft.modules.loss import ChunkedCrossEntropy
     from torchft.training.distributed import init_distributed, load_sharded_weights, local_bytes, shard_model
-    from torchft.training.distributed import sharded_forward_backward
+    from torchft.training.distributed_steps import sharded_forward_backward
     from torchft.training.optim import build_adamw
 
     env = init_distributed("cpu")

@@ -22,9 +22,10 @@ from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.compile import compile_layers
-from torchft.training.distributed import (any_rank, check_loaded, grad_norm_value,
+from torchft.training.distributed import (any_rank, check_loaded,
                                           init_distributed, load_sharded_weights, local_bytes, per_rank_batch_size,
-                                          shard_model, sharded_forward_backward, sharded_validation_loss)
+                                          shard_model)
+from torchft.training.distributed_steps import grad_norm_value, sharded_forward_backward, sharded_validation_loss
 from torchft.training.distributed_checkpoint import (DCP_DIR, check_same_run, load_trainable_state, recipe_state,
                                                      restore_recipe_state, run_identity, save_sharded_step)
 from torchft.training.loop import TrainingLoop

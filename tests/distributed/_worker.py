@@ -2,8 +2,8 @@
 
 mode=load: shard and stream-load a model, record per rank the bytes of weights it holds and the peak
 growth of its anonymous memory while loading (memory-mapped file pages are not counted: they are
-the page cache, shared and reclaimable), then rank ``die_rank`` kills itself while the others wait
-in a collective. mode=hang: rank 1 never joins a collective; the timeout must end the job.
+the page cache, shared and reclaimable), then rank ``die_rank`` kills itself in the middle of a
+step-folder save while the others wait for it. mode=hang: rank 1 never joins a collective; the timeout must end the job.
 """
 import json
 import os
@@ -74,9 +74,13 @@ def main(cfg):
               "peak_load_growth": state_dict.peak}
     (Path(cfg.output_dir) / f"rank_{env.rank}.json").write_text(json.dumps(result))
     dist.barrier()
-    if env.rank == cfg.die_rank:
-        os.kill(os.getpid(), signal.SIGKILL)
-    dist.barrier()  # the others wait here for a rank that is gone
+    from torchft.training.distributed_checkpoint import shared_atomic_directory
+
+    # A save that a lost rank cuts short: the others wait for it before the rename, which never comes.
+    with shared_atomic_directory(Path(cfg.output_dir) / "out" / "step_1", env.is_main_process) as tmp:
+        (tmp / f"part_{env.rank}").write_text("written")
+        if env.rank == cfg.die_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -117,10 +117,16 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
         assert abs(rank["local_bytes"] - rank["full_bytes"] / 2) < 0.01 * rank["full_bytes"]
         # its shard, one full tensor in flight, and allocator slack; never the whole state dict
         assert rank["peak_load_growth"] < rank["full_bytes"] / 2 + rank["largest_tensor_bytes"] + 8 * 2**20, rank
-    # rank 1 was killed while rank 0 waited for it: the job ends, non-zero, naming it
+    # rank 1 was killed in the middle of a save while rank 0 waited for it: the job ends, non-zero, naming it
     assert result.returncode == 1, result.stderr[-2000:]
     assert "recipe process(es) failed (rank 1: exit code -9, killed by SIGKILL)" in result.stderr.splitlines()[-1]
     assert seconds < 60
+    # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it
+    from torchft.checkpoint import latest_step_dir
+
+    leftovers = [p.name for p in (tmp_path / "out").iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".step_1.tmp-"), leftovers
+    assert latest_step_dir(tmp_path / "out") is None
 
 
 def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
