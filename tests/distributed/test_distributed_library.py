@@ -124,8 +124,9 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
     # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it
     from torchft.checkpoint import latest_step_dir
 
-    leftovers = [p.name for p in (tmp_path / "out").iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".step_1.tmp-"), leftovers
+    assert (tmp_path / "out").is_dir()  # the save had started
+    leftovers = [p.name for p in (tmp_path / "out").iterdir()]  # rank 0 removes its temporary folder if it can
+    assert all(name.startswith(".step_1.tmp-") for name in leftovers), leftovers
     assert latest_step_dir(tmp_path / "out") is None
 
 
