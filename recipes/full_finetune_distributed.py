@@ -25,7 +25,7 @@ from torchft.training.compile import compile_layers
 from torchft.training.distributed import (any_rank, check_loaded,
                                           init_distributed, load_sharded_weights, local_bytes, per_rank_batch_size,
                                           shard_model)
-from torchft.training.distributed_steps import grad_norm_value, sharded_forward_backward, sharded_validation_loss
+from torchft.training.distributed_steps import sharded_optimizer_step, sharded_validation_loss
 from torchft.training.distributed_checkpoint import (DCP_DIR, check_same_run, load_trainable_state, recipe_state,
                                                      restore_recipe_state, run_identity, save_sharded_step)
 from torchft.training.loop import TrainingLoop
@@ -34,7 +34,7 @@ from torchft.training.precision import resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
                                     check_tokenizer_fits, default_dtype, model_args_summary, warn_if_earlier_run)
-from torchft.training.steps import StepResult, endless, optimizer_step, total_training_steps
+from torchft.training.steps import StepResult, endless, total_training_steps
 from torchft.training.throughput import model_flops_per_token
 
 log = logging.getLogger("torchft")
@@ -120,13 +120,9 @@ def main(cfg: DictConfig) -> None:
 
     # ------------------------------------------------------------------ loop
     def train_step(micro_batches: list[dict], step: int) -> StepResult:
-        result = optimizer_step(model, micro_batches, loss_fn, (), optimizer, lr_scheduler, trainable,
-                                max_grad_norm=cfg.get("clip_grad_norm"),
-                                offload_activations=cfg.get("enable_activation_offloading", False), step=step,
-                                last_checkpoint=loop.last_checkpoint, batch_size=cfg.batch_size,
-                                forward_backward_fn=sharded_forward_backward)
-        result.grad_norm = grad_norm_value(result.grad_norm)
-        return result
+        return sharded_optimizer_step(model, micro_batches, loss_fn, optimizer, lr_scheduler,
+                                      max_grad_norm=cfg.get("clip_grad_norm"),
+                                      offload_activations=cfg.get("enable_activation_offloading", False))
 
     loop = TrainingLoop(
         total_steps, save, metric_logger, env.device, start_step=step, gradient_accumulation_steps=accum,
@@ -138,7 +134,7 @@ def main(cfg: DictConfig) -> None:
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
         is_main_process=env.is_main_process, any_rank=partial(any_rank, device=env.device))
     model.train()
-    loop.run(endless(loader), train_step, lr=lambda: optimizer.param_groups[0]["lr"])  # a stop: saves, exits
+    loop.run(endless(loader), train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
     metric_logger.close()
     dist.destroy_process_group()
 

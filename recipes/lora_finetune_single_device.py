@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from torchft.checkpoint import load_training_state, resolve_resume_dir
 from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
-from torchft.modules.loss import output_params
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
 from torchft.training.compile import compile_layers
@@ -87,7 +86,6 @@ def main(cfg: DictConfig) -> None:
     optimizer = instantiate(cfg.optimizer, trainable)
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = instantiate(cfg.loss, compile=cfg.compile)
-    loss_params = output_params(model)  # the output projection's adapters, when it has some
     step = 0
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
@@ -108,10 +106,9 @@ def main(cfg: DictConfig) -> None:
 
     # ------------------------------------------------------------------ loop
     def train_step(micro_batches: list[dict], step: int) -> StepResult:
-        return optimizer_step(model, micro_batches, loss_fn, loss_params, optimizer, lr_scheduler, trainable,
+        return optimizer_step(model, micro_batches, loss_fn, optimizer, lr_scheduler,
                               max_grad_norm=cfg.get("clip_grad_norm"),
-                              offload_activations=cfg.get("enable_activation_offloading", False), step=step,
-                              last_checkpoint=loop.last_checkpoint, batch_size=cfg.batch_size)
+                              offload_activations=cfg.get("enable_activation_offloading", False))
 
     loop = TrainingLoop(
         total_steps, save, metric_logger, device, start_step=step, gradient_accumulation_steps=accum,
@@ -121,7 +118,7 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
     model.train()
-    loop.run(endless(loader), train_step, lr=lambda: optimizer.param_groups[0]["lr"])  # a stop: saves, exits
+    loop.run(endless(loader), train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
 
     # ------------------------------------------------------------------ after training
     if prompts:

@@ -80,4 +80,72 @@ def test_clip_grad_norm():
     before = clip_grad_norm(model.parameters(), max_norm=0.5)
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert before > 0.5 and after == pytest.approx(0.5, rel=1e-4)
-    assert clip_grad_norm(model.parameters(), None) is None
+    # without clipping: the norm only (the non-finite check needs it), gradients untouched
+    assert clip_grad_norm(model.parameters(), None) == pytest.approx(0.5, rel=1e-4)
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])) == after
+
+
+def test_bf16_weights_keep_updates_below_half_an_ulp():
+    # 1.0 in bf16 has an ulp of 2**-7: an AdamW step of lr=1e-3 is 1/8 of it, which rounding to
+    # nearest throws away every time; stochastic rounding keeps it on average.
+    torch.manual_seed(0)
+    weights = {}
+    for stochastic in (False, True):
+        p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = build_adamw([p], lr=1e-3, bf16_stochastic_round=None if stochastic else False)
+        for _ in range(20):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        weights[stochastic] = p.detach().float()
+        assert p.dtype is torch.bfloat16
+    assert torch.equal(weights[False], torch.ones(4096))  # every update lost
+    assert weights[True].mean().item() == pytest.approx(1 - 20 * 1e-3, abs=2e-3)  # 20 updates of lr each
+
+
+def test_bf16_adamw_under_optimizer_in_backward_with_a_schedule():
+    torch.manual_seed(0)
+    model = _model().to(torch.bfloat16)
+    oib = OptimizerInBackward(model.parameters(), lr=1e-2)
+    sched = build_lr_scheduler(oib, "linear", num_warmup_steps=0, num_training_steps=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        model(x).float().pow(2).mean().backward()  # each weight is updated here, by its own AdamW
+        oib.step(), sched.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert oib.param_groups[0]["lr"] == pytest.approx(1e-2 * 1 / 4)  # the schedule drives every weight's AdamW
+    assert all(p.dtype is torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp32_in_backward", "bf16_in_backward"])
+def test_a_non_finite_gradient_skips_the_update_on_the_device(kind):
+    from torchft.training.optim import nonfinite_flag, step_unless_nonfinite
+
+    dtype = torch.bfloat16 if kind.startswith("bf16") else torch.float32
+    model = _model().to(dtype)
+    in_backward = kind.endswith("in_backward")
+    opt = OptimizerInBackward(model.parameters(), lr=1e-2) if in_backward else build_adamw(model.parameters(), lr=1e-2)
+
+    def step(poison: bool):
+        handle = model[0].weight.register_hook(lambda g: g * float("inf")) if poison else None
+        loss = model(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)).to(dtype)).float().pow(2).mean()
+        loss.backward()  # a finite loss; with poison, one weight's gradient is inf
+        if handle is not None:
+            handle.remove()
+        if in_backward:
+            return opt.step_stats(loss)[1]
+        found_inf = nonfinite_flag(loss, clip_grad_norm(model.parameters(), None))
+        step_unless_nonfinite(opt, found_inf)
+        opt.zero_grad()
+        return found_inf
+
+    assert step(poison=False).item() == 0.0
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    assert step(poison=True).item() == 1.0
+    if not in_backward:  # one AdamW for all: nothing moved; in backward, only the poisoned weight stays
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, weights[key]), key
+        assert repr(opt.state_dict()) == repr(state)  # moments and step counts untouched
+    assert torch.equal(model[0].weight, weights["0.weight"]) and torch.isfinite(model[0].weight).all()
+    assert step(poison=False).item() == 0.0 and not torch.equal(model[0].weight, weights["0.weight"])

@@ -1,5 +1,9 @@
 """Collate functions: a list of samples -> a batch of tensors.
 
+Both also return ``num_tokens`` (tokens that are not padding) and ``num_target_tokens`` (next-token
+labels that carry a loss) as Python ints, counted here while the labels are still on the CPU, so the
+training step never reads a count back from the GPU.
+
 ``padded_collate``: unpacked samples padded on the right to the longest one (tokens with ``pad_id``,
 labels with -100). The model's default causal mask is correct for right padding.
 
@@ -14,8 +18,13 @@ import torch
 IGNORE_INDEX = -100
 
 
+def count_target_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """Positions of ``labels`` [b, s] (aligned with the tokens) whose next-token target carries a loss."""
+    return int((labels[:, 1:] != ignore_index).sum())
+
+
 def padded_collate(batch: list[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int = 1) -> dict:
-    """Stack ``{"tokens", "labels"}`` samples into ``tokens`` / ``labels`` long tensors [b, s]."""
+    """Stack ``{"tokens", "labels"}`` samples into ``tokens`` / ``labels`` long tensors [b, s] (plus the counts)."""
     if not batch:
         raise ValueError("padded_collate got an empty batch")
     longest = max(len(sample["tokens"]) for sample in batch)
@@ -28,7 +37,8 @@ def padded_collate(batch: list[dict], pad_id: int = 0, ignore_index: int = IGNOR
             raise ValueError(f"sample {row}: {n} tokens but {len(sample['labels'])} labels")
         tokens[row, :n] = torch.as_tensor(sample["tokens"], dtype=torch.long)
         labels[row, :n] = torch.as_tensor(sample["labels"], dtype=torch.long)
-    return {"tokens": tokens, "labels": labels}
+    return {"tokens": tokens, "labels": labels, "num_tokens": sum(len(sample["tokens"]) for sample in batch),
+            "num_target_tokens": count_target_tokens(labels, ignore_index)}
 
 
 def block_causal_mask(document_ids: torch.Tensor, device=None, mask_type: str = "auto"):
@@ -60,7 +70,7 @@ def block_causal_mask(document_ids: torch.Tensor, device=None, mask_type: str = 
 
 
 def packed_collate(batch: list[dict], device=None, mask_type: str = "auto") -> dict:
-    """Stack packs into ``tokens``, ``labels``, ``input_pos`` [b, s] and the block-causal ``mask``.
+    """Stack packs into ``tokens``, ``labels``, ``input_pos`` [b, s], the block-causal ``mask`` and the counts.
 
     Build the mask on the training device (``device="cuda"`` gives a ``BlockMask``); with DataLoader
     workers keep ``device=None`` and call :func:`block_causal_mask` on ``batch["document_ids"]`` after
@@ -73,5 +83,7 @@ def packed_collate(batch: list[dict], device=None, mask_type: str = "auto") -> d
         raise ValueError(f"packed samples must all have the same length (max_seq_len), got lengths {sorted(lengths)}")
     out = {key: torch.stack([torch.as_tensor(s[key], dtype=torch.long) for s in batch]) for key in
            ("tokens", "labels", "input_pos", "document_ids")}
+    out["num_tokens"] = out["tokens"].numel()  # packs are full: every position is fed to the model
+    out["num_target_tokens"] = count_target_tokens(out["labels"])
     out["mask"] = block_causal_mask(out["document_ids"], device=device if device is not None else "cpu", mask_type=mask_type)
     return out

@@ -15,33 +15,31 @@ from torch import nn
 from torchft.training.distributed import all_reduce_sum, full_tensor
 
 
-def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], loss_fn, _output_params=(),
-                             offload_activations: bool = False) -> tuple[torch.Tensor, int]:
-    """``steps.forward_backward`` under data parallelism: the same update as one device with every
+def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], loss_fn,
+                             offload_activations: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps.forward_backward`` under data parallelism: the same gradients as one device with every
     rank's samples in one batch.
 
     Each rank's summed loss is divided by the target tokens of the whole step on all ranks (an
-    all-reduce before the first backward) and FSDP sums, not averages, the gradients; they are
-    reduced once, after the last micro-batch. FSDP averages gradients over the ranks, so each rank's
-    loss is scaled by their number to make the reduction the sum over all of the step's tokens. Returns the global mean loss (the same on every rank,
-    so a non-finite check stops every rank alike) and the global number of target tokens.
+    all-reduce before the first backward); gradients are reduced once, after the last micro-batch.
+    FSDP averages gradients over the ranks, so each rank's loss is scaled by their number to make
+    the reduction the sum over all of the step's tokens. Returns the global mean loss (the same on
+    every rank, so the non-finite check decides alike everywhere) and the global target-token count.
 
     The fused loss differentiates the output projection's parameters itself; under FSDP those are the
-    root unit's gathered parameters, which exist only after ``hidden_states``: they are looked up
-    then (the recipe's own list, ``_output_params``, names the sharded ones and is not used).
+    root unit's gathered parameters, which exist only after ``hidden_states``: they are looked up then.
     """
     from torchft.modules.loss import output_params, shift_targets
     from torchft.training.activations import activation_offloading
-    from torchft.training.steps import count_target_tokens
+    from torchft.training.steps import step_target_tokens
 
     device = micro_batches[0]["tokens"].device
-    local = count_target_tokens(micro_batches, loss_fn.ignore_index)
-    num_tokens = int(all_reduce_sum(torch.tensor([local], device=device)).item())
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    if num_tokens == 0:  # every label masked on every rank: nothing to learn from this step
-        return total, 0
+    num_tokens = all_reduce_sum(torch.tensor(step_target_tokens(micro_batches, loss_fn.ignore_index),
+                                             dtype=torch.float32, device=device))  # [] global count
     sharded = hasattr(model, "set_requires_gradient_sync")
     ranks = dist.get_world_size() if sharded else 1
+    denominator = num_tokens.clamp(min=1) / ranks  # a step whose labels are all masked learns nothing
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(micro_batches):
         if sharded:  # accumulate locally; reduce-scatter only with the last micro-batch's backward
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -49,9 +47,28 @@ def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], lo
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
                                   output_params(model))
-        (loss_sum * ranks / num_tokens).backward()
+        (loss_sum / denominator).backward()
         total += loss_sum.detach()
-    return all_reduce_sum(total) / num_tokens, num_tokens
+    return all_reduce_sum(total) / num_tokens.clamp(min=1), num_tokens
+
+
+def sharded_optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn, optimizer, lr_scheduler, *,
+                           max_grad_norm: float | None = None, offload_activations: bool = False):
+    """``steps.optimizer_step`` with :func:`sharded_forward_backward`: the norm is that of the sharded
+    gradients over all ranks (a plain tensor, the same everywhere), so every rank skips a non-finite
+    update alike. Returns a ``StepResult`` of global values."""
+    from torchft.training.optim import clip_grad_norm, nonfinite_flag, step_unless_nonfinite
+    from torchft.training.steps import StepResult, step_tokens
+
+    loss, num_target_tokens = sharded_forward_backward(model, micro_batches, loss_fn, offload_activations)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = full_tensor(clip_grad_norm(params, max_grad_norm))
+    found_inf = nonfinite_flag(loss, grad_norm)
+    step_unless_nonfinite(optimizer, found_inf)
+    optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()
+    num_tokens = all_reduce_sum(torch.tensor(step_tokens(micro_batches), device=loss.device))
+    return StepResult(loss, num_target_tokens, grad_norm, found_inf, num_tokens)
 
 
 @torch.no_grad()
@@ -75,9 +92,4 @@ def sharded_validation_loss(model: nn.Module, batches, loss_fn, device: torch.de
     if sums[1] == 0:
         raise ValueError("the validation dataset has no target tokens (every label is masked)")
     return float(sums[0] / sums[1])
-
-
-def grad_norm_value(norm: torch.Tensor | None) -> torch.Tensor | None:
-    """The clipping norm of DTensor gradients as a plain tensor (the same on every rank)."""
-    return None if norm is None else full_tensor(norm)
 

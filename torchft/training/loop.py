@@ -23,7 +23,10 @@ device, calls ``train_step``, and then, on its cadences: logs the metrics (every
 ``log_every_n_steps``), runs ``validate`` (every ``eval_every_n_steps`` and at the last step; at step
 0 too on a fresh run) and calls ``save`` (every ``save_every_n_steps``, at the last step, and when a
 stop was requested). It reads the step's values (loss, grad norm) back from the device only on
-logging steps.
+logging steps, and there and before every save checks that no step since the last check had a
+non-finite loss or gradient (``StepResult.found_inf``; such a step's update was skipped on the
+device), raising :class:`~torchft.training.steps.NonFiniteLossError` naming the last good checkpoint.
+Running out of device memory becomes a ``MemoryError`` naming the settings that lower memory.
 
 Distributed recipes use it unchanged: every rank runs the loop (``train_step``, ``validate`` and
 ``save`` may be collectives; they are called on every rank at the same steps); only the rank with
@@ -42,7 +45,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from torchft.training.signals import StopRequested
-from torchft.training.steps import StepResult, next_micro_batches, to_device
+from torchft.training.steps import NonFiniteWatch, StepResult, next_micro_batches, out_of_memory_message, to_device
 from torchft.training.throughput import ProgressBar, StepTimer, reset_peak_memory, step_metrics
 
 log = logging.getLogger("torchft")
@@ -116,11 +119,17 @@ class TrainingLoop:
         self._write(progress, f"step {step}: validation loss {val:.4f}")
 
     def _step_metrics(self, result: StepResult, seconds: float, seq_len: int, lr: float) -> dict:
-        """The logged metrics of a step: the only place the loop reads values back from the device."""
-        num_tokens = int(result.num_target_tokens)
+        """The logged metrics of a step: the only place the loop reads values back from the device.
+
+        ``tokens_per_s`` and ``mfu`` count every token fed to the model (padding excluded);
+        ``target_tokens_per_s`` those that carried a loss.
+        """
+        target_tokens = int(result.num_target_tokens)
+        tokens = int(result.num_tokens) if result.num_tokens is not None else target_tokens
         flops = self.flops_per_token(seq_len) if self.flops_per_token is not None else 0.0
         metrics = {"loss": _scalar(result.loss), "lr": lr, "grad_norm": _scalar(result.grad_norm),
-                   "tokens": num_tokens, **step_metrics(num_tokens, seconds, flops, self.device)}
+                   "tokens": tokens, "target_tokens": target_tokens, **step_metrics(tokens, seconds, flops, self.device),
+                   "target_tokens_per_s": target_tokens / max(seconds, 1e-9)}
         if self.flops_per_token is None:
             metrics.pop("mfu", None)
         return metrics
@@ -137,23 +146,30 @@ class TrainingLoop:
             self._validate(0, None)
         progress = ProgressBar(self.total_steps, initial=self.step, disable=not self._show_progress)
         timer = StepTimer(self.device)
+        watch = NonFiniteWatch()
         stopping = False
+        reset_peak_memory(self.device)
         with StopRequested() as stop:
             while self.step < self.total_steps:
                 micro_batches = [to_device(b, self.device)
                                  for b in next_micro_batches(batches, self.gradient_accumulation_steps)]
                 self.step += 1
                 step = self.step
-                reset_peak_memory(self.device)
                 timer.start()
-                result = train_step(micro_batches, step)
-                seconds = timer.stop()
+                try:
+                    result = train_step(micro_batches, step)
+                except torch.OutOfMemoryError as err:
+                    raise MemoryError(out_of_memory_message(step, micro_batches[0])) from err
+                timer.stop()
+                watch.update(step, result)  # on the device: no sync
 
-                if self._every(step, self.log_every):
-                    metrics = self._step_metrics(result, seconds, micro_batches[0]["tokens"].shape[1],
+                if self._every(step, self.log_every):  # read back: metrics, then the non-finite check
+                    metrics = self._step_metrics(result, timer.seconds(), micro_batches[0]["tokens"].shape[1],
                                                  lr() if lr is not None else float("nan"))
+                    watch.check(self.last_checkpoint)
                     self._log(metrics, step)
                     progress.update(metrics)
+                    reset_peak_memory(self.device)  # the next logged peak is that of the steps since this one
                 else:
                     progress.update()
                 if self.validate is not None and (self._is_last(step) or self._every(step, self.eval_every)):
@@ -162,6 +178,7 @@ class TrainingLoop:
                 # Checked once per step, after it: a signal during a step saves that step.
                 stopping = self.any_rank(stop.requested is not None)
                 if self._every(step, self.save_every) or self._is_last(step) or stopping:
+                    watch.check(self.last_checkpoint)  # never save a step that was not finite
                     self.last_checkpoint = self.save(step)
                     self._write(progress, f"step {step}: saved {self.last_checkpoint}")
                 if stopping:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchft.modules.loss import IGNORE_INDEX, ChunkedCrossEntropy, shift_targets
+from torchft.data.collate import count_target_tokens
+from torchft.modules.loss import IGNORE_INDEX, ChunkedCrossEntropy, output_params, shift_targets
 from torchft.training.activations import activation_offloading
-from torchft.training.optim import clip_grad_norm
+from torchft.training.optim import OptimizerInBackward, clip_grad_norm, nonfinite_flag, step_unless_nonfinite
 
 
 @dataclass
@@ -23,17 +24,21 @@ class StepResult:
     """What one optimizer step returns to the loop (global values under data parallelism).
 
     ``loss``: [] fp32 mean loss over the step's target tokens, on the device (read back only when
-    logged). ``num_target_tokens``: tokens that carried a loss. ``grad_norm``: [] the gradient norm
-    before clipping, or None when not computed.
+    logged). ``num_target_tokens``: tokens that carried a loss; ``num_tokens``: all tokens fed to the
+    model (padding excluded), for tokens/s and MFU. ``grad_norm``: [] the gradient norm before
+    clipping. ``found_inf``: [] 1.0 when the loss or a gradient was NaN/infinite (the update was
+    skipped on the device), else 0.0.
     """
 
     loss: torch.Tensor
     num_target_tokens: int | torch.Tensor
     grad_norm: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    num_tokens: int | torch.Tensor | None = None
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without saving."""
+    """The loss or the gradients became NaN or infinite; training stopped without saving."""
 
 
 # The settings that lower memory, named in the out-of-memory message.
@@ -47,15 +52,29 @@ MEMORY_SETTINGS = (
 )
 
 
-def out_of_memory_message(step: int, batch_size: int, seq_len: int) -> str:
-    """One line naming what ran out and the settings that lower memory."""
+def out_of_memory_message(step: int, micro_batch: dict) -> str:
+    """One line naming what ran out (at which step, on which batch shape) and the settings that lower memory."""
+    batch_size, seq_len = micro_batch["tokens"].shape
     return (f"out of GPU memory at step {step} (batch_size={batch_size}, sequence length {seq_len}); "
             f"lower memory with: {'; '.join(MEMORY_SETTINGS)}")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Move the tensors of a collated batch to ``device`` (non-blocking from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Move the tensors of a collated batch to ``device`` without waiting for the device.
+
+    A copy from pageable host memory waits for the work queued before it; from pinned memory it
+    does not, so CPU tensors bound for a GPU are pinned first (a host-side copy).
+    """
+    device = torch.device(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            return t
+        if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def next_micro_batches(batches: Iterator[dict], count: int) -> list[dict]:
@@ -64,9 +83,16 @@ def next_micro_batches(batches: Iterator[dict], count: int) -> list[dict]:
     return [next(batches) for _ in range(count)]
 
 
-def count_target_tokens(micro_batches: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> int:
-    """Tokens that carry a loss in the step: next-token labels that are not ``ignore_index``."""
-    return sum(int((b["labels"][:, 1:] != ignore_index).sum()) for b in micro_batches)
+def step_target_tokens(micro_batches: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> int:
+    """Tokens that carry a loss in the step: the collate function's counts (labels counted on the CPU),
+    or counted here for batches built without it."""
+    return sum(b["num_target_tokens"] if "num_target_tokens" in b else count_target_tokens(b["labels"], ignore_index)
+               for b in micro_batches)
+
+
+def step_tokens(micro_batches: Sequence[dict]) -> int:
+    """Tokens fed to the model in the step (padding excluded when the collate function counted it)."""
+    return sum(b.get("num_tokens", b["tokens"].numel()) for b in micro_batches)
 
 
 def forward_backward(
@@ -75,27 +101,30 @@ def forward_backward(
     loss_fn: ChunkedCrossEntropy,
     output_params: Sequence[torch.Tensor] = (),
     offload_activations: bool = False,
-) -> tuple[torch.Tensor, int]:
+    num_target_tokens: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int | torch.Tensor]:
     """Forward and backward over one optimizer step's micro-batches (already on the model's device).
 
     Each batch holds ``tokens`` [b, s] and ``labels`` [b, s] (aligned with the tokens, -100 where no
     loss) and, for packed batches, ``mask`` and ``input_pos``. Gradients accumulate in ``.grad``;
-    the caller clips and steps the optimizer. Returns the step's mean loss (a detached fp32 scalar)
-    and its number of target tokens.
+    the caller clips and steps the optimizer. ``num_target_tokens`` is the loss's denominator: by
+    default these micro-batches' target tokens; a data-parallel caller passes the count over all
+    ranks. Returns the step's mean loss (a detached fp32 scalar) and the denominator.
     """
-    num_tokens = count_target_tokens(micro_batches, loss_fn.ignore_index)
+    if num_target_tokens is None:
+        num_target_tokens = step_target_tokens(micro_batches, loss_fn.ignore_index)
     device = micro_batches[0]["tokens"].device
     total = torch.zeros((), dtype=torch.float32, device=device)
-    if num_tokens == 0:  # every label masked: nothing to learn from this step
+    if isinstance(num_target_tokens, int) and num_target_tokens == 0:  # every label masked: nothing to learn
         return total, 0
     for batch in micro_batches:
         with activation_offloading(offload_activations, device):
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
             loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
                                   output_params)
-        (loss_sum / num_tokens).backward()
+        (loss_sum / num_target_tokens).backward()
         total += loss_sum.detach()
-    return total / num_tokens, num_tokens
+    return total / num_target_tokens, num_target_tokens
 
 
 @torch.no_grad()
@@ -119,15 +148,46 @@ def validation_loss(model: nn.Module, batches, loss_fn: ChunkedCrossEntropy, dev
     return total / count
 
 
-def check_finite(loss: torch.Tensor, step: int, last_checkpoint: str | None) -> None:
-    """Stop the run with a clear message when ``loss`` is NaN or infinite."""
-    value = float(loss)
-    if value != value or value in (float("inf"), float("-inf")):
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss or gradients were not finite; ``check``
+    reads that back (one host-device sync) and stops the run naming the last good checkpoint.
+
+    The step itself never syncs: its update was skipped on the device (``StepResult.found_inf``), so
+    the weights stay those of the last good step; the loop calls ``check`` when it reads metrics
+    back anyway (logging steps) and always before a save, so no save ever holds a bad step.
+    """
+
+    def __init__(self):
+        self._first: torch.Tensor | None = None  # [] int64: the first bad step, 0 while none
+        self._loss: torch.Tensor | None = None  # [] the loss of that step
+        self._grad_norm: torch.Tensor | None = None  # [] its gradient norm
+
+    def update(self, step: int, result: StepResult) -> None:
+        if result.found_inf is None:
+            return
+        loss = result.loss.detach().float()
+        norm = result.grad_norm.detach().float() if result.grad_norm is not None else torch.zeros_like(loss)
+        if self._first is None:
+            self._first = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self._loss, self._grad_norm = torch.zeros_like(loss), torch.zeros_like(loss)
+        new = (result.found_inf > 0) & (self._first == 0)  # [] bool: this step is the first bad one
+        self._first = torch.where(new, step, self._first)
+        self._loss = torch.where(new, loss, self._loss)
+        self._grad_norm = torch.where(new, norm, self._grad_norm)
+
+    def check(self, last_checkpoint: str | None) -> None:
+        """Raise :class:`NonFiniteLossError` when a step since the start was not finite."""
+        if self._first is None:
+            return
+        first, loss, norm = (t.item() for t in (self._first, self._loss, self._grad_norm))  # the one sync
+        if first == 0:
+            return
         where = (f"the last good checkpoint is {last_checkpoint} (resume_from_checkpoint={last_checkpoint})"
                  if last_checkpoint else "no checkpoint was written before it")
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4f})"
         raise NonFiniteLossError(
-            f"loss is {value} at step {step}: training stopped (try a lower optimizer.lr, "
-            f"clip_grad_norm, or dtype=fp32); {where}"
+            f"{what} at step {first}: training stopped (that step's update was skipped; try a lower "
+            f"optimizer.lr, clip_grad_norm, or dtype=fp32); {where}"
         )
 
 
@@ -156,25 +216,27 @@ def endless(loader) -> Iterator[dict]:
         yield from loader
 
 
-def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy,
-                   loss_params, optimizer, lr_scheduler, trainable_params, *, max_grad_norm: float | None,
-                   offload_activations: bool, step: int, last_checkpoint: str | None,
-                   batch_size: int, forward_backward_fn=None) -> StepResult:
-    """One optimizer step over ``micro_batches``: token-weighted forward/backward, a finite-loss check
-    before the update (a NaN never reaches the weights), gradient clipping, the update, then the LR
-    schedule.
+def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy, optimizer,
+                   lr_scheduler, *, max_grad_norm: float | None = None, offload_activations: bool = False,
+                   num_target_tokens: int | torch.Tensor | None = None) -> StepResult:
+    """One optimizer step over ``micro_batches``: token-weighted forward/backward, the gradient norm
+    (clipped to ``max_grad_norm`` unless None), the update unless the loss or a gradient is not
+    finite (decided on the device: nothing is read back), then the LR schedule.
 
-    Running out of device memory becomes a ``MemoryError`` naming the settings that lower memory.
-    ``forward_backward_fn`` replaces :func:`forward_backward` (data-parallel recipes pass theirs).
+    The parameters are the optimizer's; ``num_target_tokens`` as in :func:`forward_backward`.
+    With an :class:`OptimizerInBackward` the updates (each skipped alike when not finite) happened
+    during backward and the norm is that of the unclipped gradients.
     """
-    try:
-        loss, num_tokens = (forward_backward_fn or forward_backward)(model, micro_batches, loss_fn, loss_params, offload_activations)
-        check_finite(loss, step, last_checkpoint)
-        grad_norm = clip_grad_norm(trainable_params, max_grad_norm)
-        optimizer.step()  # the first step also allocates the optimizer state
-    except torch.OutOfMemoryError as err:
-        seq_len = micro_batches[0]["tokens"].shape[1]
-        raise MemoryError(out_of_memory_message(step, batch_size, seq_len)) from err
+    loss, num_target_tokens = forward_backward(model, micro_batches, loss_fn, output_params(model),
+                                               offload_activations, num_target_tokens)
+    if isinstance(optimizer, OptimizerInBackward):
+        grad_norm, found_inf = optimizer.step_stats(loss)
+        optimizer.step()  # nothing left to do; keeps the LR scheduler's step-order check satisfied
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = clip_grad_norm(params, max_grad_norm)
+        found_inf = nonfinite_flag(loss, grad_norm)
+        step_unless_nonfinite(optimizer, found_inf)  # the first step also allocates the optimizer state
     optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
-    return StepResult(loss, num_tokens, grad_norm)
+    return StepResult(loss, num_target_tokens, grad_norm, found_inf, step_tokens(micro_batches))

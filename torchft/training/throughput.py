@@ -74,23 +74,37 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 
 class StepTimer:
-    """Wall time of one optimizer step (synchronising CUDA so the time is the device's)."""
+    """Time of one optimizer step without stalling the device.
+
+    On CUDA, ``start``/``stop`` record events in the stream and ``seconds`` waits for the stop event
+    only (call it when the metrics are read back anyway); on the CPU it is wall time.
+    """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self._start = None
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._start = self._stop = 0.0
 
     def start(self) -> None:
-        self._sync()
-        self._start = time.perf_counter()
+        if self._cuda:
+            self._events[0].record()
+        else:
+            self._start = time.perf_counter()
 
-    def stop(self) -> float:
-        self._sync()
-        return time.perf_counter() - self._start
+    def stop(self) -> None:
+        if self._cuda:
+            self._events[1].record()
+        else:
+            self._stop = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds between the last ``start`` and ``stop`` (on CUDA: waits until the stop event is reached)."""
+        if self._cuda:
+            self._events[1].synchronize()
+            return self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._stop - self._start
 
 
 def step_metrics(num_tokens: int, seconds: float, flops_per_tok: float, device: torch.device) -> dict[str, float]:
