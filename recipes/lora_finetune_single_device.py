@@ -25,11 +25,11 @@ from torchft.training.loop import TrainingLoop
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.samples import print_samples
-from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
-                                    check_tokenizer_fits, default_dtype, load_adapter_model, model_args_summary,
-                                    warn_if_earlier_run)
+from torchft.training.setup import (check_fresh_output_dir, check_output_dir_writable, check_positive,
+                                    check_same_architecture, check_tokenizer_fits, default_dtype,
+                                    load_adapter_model, model_args_summary)
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (StepResult, endless, optimizer_step, total_training_steps,
+from torchft.training.steps import (StepResult, optimizer_step, total_training_steps,
                                     validation_loss)
 from torchft.training.throughput import model_flops_per_token
 
@@ -54,7 +54,8 @@ def main(cfg: DictConfig) -> None:
     checkpointer = instantiate(cfg.checkpointer)
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
-    warn_if_earlier_run(output_dir, resuming=resumed is not None, log=log)
+    check_fresh_output_dir(output_dir, resuming=resumed is not None, overwrite=cfg.get("overwrite_output_dir", False),
+                           log=log)
 
     with torch.device("meta"), default_dtype(dtype):
         model = instantiate(cfg.model)  # a lora_* / qlora_* builder: LoRA layers where the config asks
@@ -118,7 +119,7 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
     model.train()
-    loop.run(endless(loader), train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
+    loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
 
     # ------------------------------------------------------------------ after training
     if prompts:

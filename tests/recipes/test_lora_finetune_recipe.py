@@ -236,3 +236,65 @@ def test_ctrl_c_through_tune_run_saves_then_exits_130(tmp_path, base):
     (saved,) = out.glob("step_*")
     assert (saved / "training_state.pt").is_file() and (saved / "adapter" / "adapter_model.safetensors").is_file()
     assert f"continue with resume_from_checkpoint={saved}" in stderr
+
+
+# ---------------------------------------------------------------------------------------------- runs never mix
+def test_a_fresh_run_into_a_used_output_dir_refuses_unless_overwritten(tmp_path, base):
+    common = ["~validation_dataset", "save_every_n_steps=1"]
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common]))
+    with pytest.raises(FileExistsError, match=r"output_dir \(.*out\) already holds step_1, step_2 from an earlier run: "
+                                              r"continue it with resume_from_checkpoint=latest, delete its step "
+                                              r"folders with overwrite_output_dir=true, or choose another output_dir"):
+        recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", *common]))
+    assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_1", "step_2"]  # nothing lost
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", "overwrite_output_dir=true", *common]))
+    assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_1"]
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]  # the earlier run's lines are gone too
+
+
+def test_resume_from_an_earlier_step_logs_each_step_once(tmp_path, base):
+    common = ["~validation_dataset", "save_every_n_steps=2"]
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
+    first = train_losses(tmp_path / "out")
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common,
+                                                     f"resume_from_checkpoint={tmp_path / 'out' / 'step_2'}"]))
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
+    assert train_losses(tmp_path / "out") == first  # and the resumed steps reproduce the earlier ones
+
+
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base):
+    from torchft.training.lr_schedule import build_lr_scheduler
+
+    common = ["~validation_dataset", "save_every_n_steps=2", "lr_scheduler.name=linear"]
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=8", *common, "resume_from_checkpoint=latest"]))
+    logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "out") if "lr" in m}
+    # a fresh linear schedule over 8 steps (the LR logged at step k is the one set after k updates)
+    sched = build_lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2), "linear",
+                               num_training_steps=8)
+    expected = {}
+    for k in range(1, 9):
+        sched.optimizer.step(), sched.step()
+        expected[k] = sched.get_last_lr()[0]
+    assert [logged[k] for k in range(5, 9)] == pytest.approx([expected[k] for k in range(5, 9)])
+    assert logged[5] > 0  # the old schedule had ended at step 4 (LR 0 from there on)
+
+
+def test_resume_past_the_last_step_is_refused(tmp_path, base):
+    common = ["~validation_dataset", "save_every_n_steps=2"]
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint is at step 4, past this run's last step \(2, from "
+                                         r"max_steps / epochs\): raise max_steps or resume an earlier step"):
+        recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common, "resume_from_checkpoint=latest"]))
+
+
+def test_an_epoch_run_never_borrows_batches_from_the_next_epoch(tmp_path, base):
+    # 32 rows, batch 4: 8 batches; 3 per step -> steps of 3, 3 and 2 batches
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=null", "epochs=1", "gradient_accumulation_steps=3",
+                                               "~validation_dataset"])
+    recipe.main(cfg)
+    metrics = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    state = torch.load(tmp_path / "out" / "step_3" / "training_state.pt", weights_only=True)
+    assert (state["dataloader"]["epoch"], state["dataloader"]["position"]) == (1, 0)  # nothing of epoch 1 used
+    assert all(m["tokens"] > m["target_tokens"] > 0 for m in metrics)  # all tokens, and those with a loss

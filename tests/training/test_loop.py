@@ -97,3 +97,27 @@ def test_sigterm_during_a_step_saves_that_step_then_exits():
     with pytest.raises(SystemExit) as stopped:
         loop.run(batches(), train_step)
     assert stopped.value.code == 128 + signal.SIGTERM and saves == [2]
+
+
+def test_tokens_per_second_and_mfu_count_all_tokens_with_target_tokens_beside(monkeypatch):
+    from torchft.training import throughput
+
+    monkeypatch.setattr(throughput, "peak_flops", lambda device: 1e9)
+    logger, saves = Recorder(), []
+
+    def step(micro_batches, n):
+        return StepResult(torch.tensor(1.0), num_target_tokens=40, grad_norm=torch.tensor(0.5), num_tokens=100)
+
+    loop = make_loop(logger, saves, log_every_n_steps=1, flops_per_token=lambda seq_len: 1e3)
+    loop.run(batches(), step)
+    m = next(m for s, m in logger.lines if "loss" in m)
+    assert m["tokens"] == 100 and m["target_tokens"] == 40
+    assert m["tokens_per_s"] / m["target_tokens_per_s"] == pytest.approx(100 / 40)
+    assert m["mfu"] == pytest.approx(m["tokens_per_s"] * 1e3 / 1e9)  # every token, not only the targets
+
+
+def test_an_epoch_ends_a_step_and_the_next_epoch_starts_a_new_one():
+    from torchft.training.steps import step_micro_batches
+
+    steps = step_micro_batches([1, 2, 3, 4, 5], 2)  # a list stands for a loader: each pass is an epoch
+    assert [next(steps) for _ in range(4)] == [[1, 2], [3, 4], [5], [1, 2]]

@@ -15,10 +15,11 @@ step and the save, and runs it::
                         validate=lambda: validation_loss(model, val_loader, loss_fn, device),
                         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                         last_checkpoint=resume_dir)
-    loop.run(endless(loader), train_step, lr=lambda: optimizer.param_groups[0]["lr"])
+    loop.run(loader, train_step, lr=lambda: optimizer.param_groups[0]["lr"])
     # returns at total_steps; on SIGINT/SIGTERM it saves, then raises SystemExit(128 + signal)
 
-Per optimizer step the loop draws ``gradient_accumulation_steps`` micro-batches, moves them to the
+Per optimizer step the loop draws ``gradient_accumulation_steps`` micro-batches (fewer at the end of an
+epoch), moves them to the
 device, calls ``train_step``, and then, on its cadences: logs the metrics (every
 ``log_every_n_steps``), runs ``validate`` (every ``eval_every_n_steps`` and at the last step; at step
 0 too on a fresh run) and calls ``save`` (every ``save_every_n_steps``, at the last step, and when a
@@ -40,12 +41,13 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 
 from torchft.training.signals import StopRequested
-from torchft.training.steps import NonFiniteWatch, StepResult, next_micro_batches, out_of_memory_message, to_device
+from torchft.training.steps import (NonFiniteWatch, StepResult, out_of_memory_message, step_micro_batches,
+                                    to_device)
 from torchft.training.throughput import ProgressBar, StepTimer, reset_peak_memory, step_metrics
 
 log = logging.getLogger("torchft")
@@ -81,6 +83,9 @@ class TrainingLoop:
                  validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  last_checkpoint=None, progress_bar: bool = True, is_main_process: bool = True,
                  any_rank: Callable[[bool], bool] | None = None):
+        if start_step > total_steps:
+            raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
+                             f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
         self.total_steps, self.save, self.metric_logger = total_steps, save, metric_logger
         self.device = torch.device(device)
         self.step = start_step
@@ -135,24 +140,28 @@ class TrainingLoop:
         return metrics
 
     # ------------------------------------------------------------------ the loop
-    def run(self, batches: Iterator[dict], train_step: Callable[[list[dict], int], StepResult],
+    def run(self, loader: Iterable[dict], train_step: Callable[[list[dict], int], StepResult],
             lr: Callable[[], float] | None = None) -> None:
         """Train until ``total_steps`` (or a stop request: then save and raise ``SystemExit``).
 
-        ``batches`` yields collated micro-batches (on the CPU or the device); ``train_step(micro_batches,
-        step)`` runs one optimizer step; ``lr()`` gives the learning rate to log.
+        ``loader`` yields collated micro-batches (on the CPU or the device) and is iterated once per
+        epoch (a :class:`~torchft.data.dataloader.ResumableDataLoader`; a step never mixes two epochs:
+        an epoch's last step takes the batches left); ``train_step(micro_batches, step)`` runs one
+        optimizer step; ``lr()`` gives the learning rate to log.
         """
+        if self.is_main_process and hasattr(self.metric_logger, "continue_from"):
+            self.metric_logger.continue_from(self.step)  # an earlier run's lines after this step are superseded
         if self.validate is not None and self.step == 0:
             self._validate(0, None)
         progress = ProgressBar(self.total_steps, initial=self.step, disable=not self._show_progress)
         timer = StepTimer(self.device)
         watch = NonFiniteWatch()
+        steps = step_micro_batches(loader, self.gradient_accumulation_steps)
         stopping = False
         reset_peak_memory(self.device)
         with StopRequested() as stop:
             while self.step < self.total_steps:
-                micro_batches = [to_device(b, self.device)
-                                 for b in next_micro_batches(batches, self.gradient_accumulation_steps)]
+                micro_batches = [to_device(b, self.device) for b in next(steps)]
                 self.step += 1
                 step = self.step
                 timer.start()

@@ -61,12 +61,29 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def load_lr_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    """Restore a scheduler saved with ``state_dict()`` and put its current LR back into the optimizer.
+def load_lr_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> int | None:
+    """Restore a scheduler saved with ``state_dict()``: its step counter and peak LR. The schedule's
+    shape (warm-up, total steps, decay) stays the one this run was built with, so a run resumed with
+    another ``max_steps`` follows a schedule over the new total instead of the old one (whose LR
+    would be 0 after the old end). The current LR is put back into the optimizer.
 
-    (Building a scheduler resets the optimizer's LR to the step-0 value; loading the scheduler's
-    state alone would only correct it at the next ``step()``.)
+    Returns the total steps of the saved schedule when it differs from this one, else None.
     """
-    scheduler.load_state_dict(state)
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
+    built = scheduler.state_dict()
+    saved_total = _saved_total(state)
+    scheduler.load_state_dict({**state, "lr_lambdas": built["lr_lambdas"]})
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep the LR as a tensor
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    scheduler._last_lr = lrs
+    current_total = getattr(scheduler.lr_lambdas[0], "num_training_steps", None)
+    return saved_total if saved_total is not None and saved_total != current_total else None
+
+
+def _saved_total(state: dict) -> int | None:
+    lambdas = state.get("lr_lambdas") or [None]
+    return lambdas[0].get("num_training_steps") if isinstance(lambdas[0], dict) else None

@@ -7,7 +7,9 @@ Every logger has the same three methods, so a config picks one with ``_component
       log_dir: ${output_dir}/logs
 
 ``log_config(config)`` records the resolved config once, ``log(metrics, step)`` records a dict of
-scalars, ``close()`` flushes. ``MultiLogger`` fans out to several.
+scalars, ``close()`` flushes. ``continue_from(step)`` is called as a run starts after ``step`` (0 for a
+fresh run): what an earlier run logged for later steps is superseded (the JSONL file drops it).
+``MultiLogger`` fans out to several.
 """
 import json
 import os
@@ -32,6 +34,9 @@ class MetricLogger:
     def log_config(self, config: Mapping) -> None:
         pass
 
+    def continue_from(self, step: int) -> None:
+        pass
+
     def log(self, metrics: Mapping, step: int) -> None:
         pass
 
@@ -54,7 +59,8 @@ class StdoutLogger(MetricLogger):
 
 class JSONLLogger(MetricLogger):
     """Appends ``{"step": N, ...metrics}`` lines to ``<log_dir>/metrics.jsonl``; the config goes to
-    ``<log_dir>/config.json``. Appending keeps the lines of a resumed run after the earlier ones."""
+    ``<log_dir>/config.json``. A run resumed after step N keeps the earlier lines up to step N and
+    appends its own, so every step appears once (a fresh run starts the file anew)."""
 
     def __init__(self, log_dir: str, filename: str = "metrics.jsonl"):
         self.log_dir = Path(log_dir)
@@ -64,6 +70,22 @@ class JSONLLogger(MetricLogger):
 
     def log_config(self, config: Mapping) -> None:
         (self.log_dir / "config.json").write_text(json.dumps(dict(config), indent=2, default=str) + "\n")
+
+    def continue_from(self, step: int) -> None:
+        """Keep the lines of steps 1..``step`` (and step 0's, when ``step`` > 0); drop the rest."""
+        self._file.close()
+        kept = []
+        if step > 0 and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line + "\n")
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping, step: int) -> None:
         self._file.write(json.dumps({"step": step, **_scalars(metrics)}) + "\n")
@@ -122,6 +144,9 @@ class WandBLogger(MetricLogger):
         self.run.config.update(dict(config), allow_val_change=True)
         self._files.log_config(config)
 
+    def continue_from(self, step: int) -> None:
+        self._files.continue_from(step)
+
     def log(self, metrics: Mapping, step: int) -> None:
         self.run.log(_scalars(metrics), step=step)
         self._files.log(metrics, step)
@@ -140,6 +165,10 @@ class MultiLogger(MetricLogger):
     def log_config(self, config: Mapping) -> None:
         for logger in self.loggers:
             logger.log_config(config)
+
+    def continue_from(self, step: int) -> None:
+        for logger in self.loggers:
+            logger.continue_from(step)
 
     def log(self, metrics: Mapping, step: int) -> None:
         for logger in self.loggers:

@@ -143,12 +143,24 @@ def model_args_summary(args) -> str:
                                                   "intermediate_dim", "vocab_size"))
 
 
-def warn_if_earlier_run(output_dir, resuming: bool, log) -> None:
-    """A fresh run into an ``output_dir`` that holds step folders replaces them (and ``keep_last_n``
-    prunes them): say so, and how to continue the earlier run instead."""
-    from torchft.checkpoint import latest_step_dir
+def check_fresh_output_dir(output_dir, resuming: bool, overwrite: bool, log) -> None:
+    """A fresh run must not share ``output_dir`` with an earlier run's step folders: ``keep_last_n``
+    would prune the two runs' folders together and ``resume_from_checkpoint=latest`` could pick the
+    other run's. Refuse, naming the ways out; with ``overwrite`` the earlier folders are deleted first."""
+    import shutil
 
-    latest = latest_step_dir(output_dir)
-    if latest is not None and not resuming:
-        log.warning("output_dir already holds %s from an earlier run: this fresh run will replace its step folders "
-                    "(continue it instead with resume_from_checkpoint=latest)", latest.name)
+    from torchft.checkpoint.checkpointer import step_dirs
+
+    earlier = [path for _, path in step_dirs(output_dir)]
+    if resuming or not earlier:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in earlier[-3:])
+        raise FileExistsError(
+            f"output_dir ({output_dir}) already holds {names} from an earlier run: continue it with "
+            f"resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, "
+            f"or choose another output_dir")
+    log.warning("overwrite_output_dir=true: deleting %d step folder(s) of an earlier run in %s", len(earlier),
+                output_dir)
+    for path in earlier:
+        shutil.rmtree(path)

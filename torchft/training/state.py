@@ -4,12 +4,15 @@
 resumed run draws the same batches, the same dropout masks and the same learning rates as the run
 that was interrupted, so its loss curve continues exactly.
 """
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from torchft.training.lr_schedule import load_lr_scheduler_state
 from torchft.training.rng import get_rng_state, set_rng_state
+
+log = logging.getLogger("torchft")
 
 
 def training_state(step: int, optimizer: torch.optim.Optimizer, lr_scheduler, dataloader,
@@ -28,12 +31,18 @@ def training_state(step: int, optimizer: torch.optim.Optimizer, lr_scheduler, da
 
 
 def restore_training_state(state: Mapping, optimizer: torch.optim.Optimizer, lr_scheduler, dataloader) -> int:
-    """Put the optimizer, LR schedule, data position and RNG back; returns the step to continue after."""
+    """Put the optimizer, LR schedule, data position and RNG back; returns the step to continue after.
+
+    The LR schedule keeps this run's shape (its total steps may differ from the saved run's) and
+    continues from the saved step."""
     missing = [k for k in ("step", "optimizer", "lr_scheduler", "dataloader", "rng") if k not in state]
     if missing:
         raise ValueError(f"training state lacks {', '.join(missing)}: it was not written by this recipe")
     optimizer.load_state_dict(state["optimizer"])
-    load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
+    saved_total = load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
+    if saved_total is not None:
+        log.warning("the checkpoint's LR schedule spanned %d steps; this run's spans its own total "
+                    "(max_steps / epochs), from the resumed step on", saved_total)
     dataloader.load_state_dict(state["dataloader"])
     set_rng_state(state["rng"])
     return int(state["step"])

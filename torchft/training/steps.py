@@ -77,10 +77,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def next_micro_batches(batches: Iterator[dict], count: int) -> list[dict]:
-    """The next ``count`` micro-batches of one optimizer step (the loader draws no global randomness,
-    so dropout masks after a resume are those of the uninterrupted run)."""
-    return [next(batches) for _ in range(count)]
+def step_micro_batches(loader, count: int) -> Iterator[list[dict]]:
+    """The micro-batches of each optimizer step, epoch after epoch: ``count`` at a time, and the rest
+    of an epoch as its last (shorter) step, so a step never mixes two epochs.
+
+    ``loader`` is iterated once per epoch and continues from its restored position after a resume
+    (saves happen between steps, so the steps stay aligned with the epochs). It draws no global
+    randomness, so dropout masks after a resume are those of the uninterrupted run. The loss stays
+    token-weighted over whatever the step holds.
+    """
+    while True:
+        step: list[dict] = []
+        empty = True
+        for batch in loader:
+            empty = False
+            step.append(batch)
+            if len(step) == count:
+                yield step
+                step = []
+        if step:
+            yield step
+        if empty and not step:
+            raise ValueError("the training data loader yielded no batch")
 
 
 def step_target_tokens(micro_batches: Sequence[dict], ignore_index: int = IGNORE_INDEX) -> int:
@@ -193,7 +211,11 @@ class NonFiniteWatch:
 
 def total_training_steps(max_steps: int | None, epochs: float | None, batches_per_epoch: int,
                          gradient_accumulation_steps: int) -> int:
-    """Optimizer steps of the run: ``max_steps``, ``epochs`` worth of batches, or the smaller of the two."""
+    """Optimizer steps of the run: ``max_steps``, ``epochs`` worth of steps, or the smaller of the two.
+
+    An epoch has ``ceil(batches_per_epoch / gradient_accumulation_steps)`` steps (its last one takes
+    the remaining batches, see :func:`step_micro_batches`).
+    """
     candidates = []
     if max_steps is not None:
         check = int(max_steps)
@@ -203,17 +225,11 @@ def total_training_steps(max_steps: int | None, epochs: float | None, batches_pe
     if epochs is not None:
         if epochs <= 0:
             raise ValueError(f"epochs ({epochs}) must be > 0")
-        candidates.append(max(1, math.ceil(epochs * batches_per_epoch / gradient_accumulation_steps)))
+        steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+        candidates.append(max(1, math.ceil(epochs * steps_per_epoch)))
     if not candidates:
         raise ValueError("set max_steps or epochs (or both: the run stops at whichever comes first)")
     return min(candidates)
-
-
-def endless(loader) -> Iterator[dict]:
-    """The loader's batches epoch after epoch (it moves to the next epoch by itself); resumable
-    because the loader continues from its restored position."""
-    while True:
-        yield from loader
 
 
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy, optimizer,
