@@ -33,9 +33,9 @@ from torchft.training.loop import TrainingLoop
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.precision import resolve_dtype
 from torchft.training.rng import seed_everything
-from torchft.training.setup import (check_output_dir_writable, check_positive, check_same_architecture,
-                                    check_tokenizer_fits, default_dtype, model_args_summary, warn_if_earlier_run)
-from torchft.training.steps import StepResult, endless, total_training_steps
+from torchft.training.setup import (check_fresh_output_dir, check_output_dir_writable, check_positive,
+                                    check_same_architecture, check_tokenizer_fits, default_dtype, model_args_summary)
+from torchft.training.steps import StepResult, total_training_steps
 from torchft.training.throughput import model_flops_per_token
 
 log = logging.getLogger("torchft")
@@ -57,14 +57,15 @@ def main(cfg: DictConfig) -> None:
     log_and_save_config(cfg, output_dir)
 
     # ------------------------------------------------------------------ setup: model
-    if cfg.get("base_model") is not None and env.is_main_process:  # the quickstart's tiny base model
-        instantiate(cfg.base_model)
-    dist.barrier()
-    checkpointer = instantiate(cfg.checkpointer)
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
-    if env.is_main_process:
-        warn_if_earlier_run(output_dir, resuming=resumed is not None, log=log)
+    if env.is_main_process:  # rank 0 alone checks (and with overwrite_output_dir, clears) the output folder
+        check_fresh_output_dir(output_dir, resuming=resumed is not None,
+                               overwrite=cfg.get("overwrite_output_dir", False), log=log)
+        if cfg.get("base_model") is not None:  # the quickstart's tiny base model
+            instantiate(cfg.base_model)
+    dist.barrier()
+    checkpointer = instantiate(cfg.checkpointer)
 
     with torch.device("meta"), default_dtype(dtype):
         model = instantiate(cfg.model)  # a lora_* / qlora_* builder
@@ -136,7 +137,7 @@ def main(cfg: DictConfig) -> None:
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
         is_main_process=env.is_main_process, any_rank=partial(any_rank, device=env.device))
     model.train()
-    loop.run(endless(loader), train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
+    loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
     metric_logger.close()
     dist.destroy_process_group()
 
