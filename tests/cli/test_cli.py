@@ -254,7 +254,7 @@ def test_run_in_process_with_overrides_and_saved_config(tiny):
     assert (out / "result_none.json").read_text() == '{"counter": {"a": 1, "b": 2}, "lr": 0.5, "tasks": ["a", "b"]}'
     saved = (out / "torchft_config.yaml").read_text()
     assert "_component_: builtins.dict" in saved and "lr: 0.5" in saved
-    assert "Running with config" in result.stderr  # the resolved config is logged at start
+    assert "resolved config in" in result.stderr  # a summary is logged at start (the whole config with --debug)
     # the script runs on its own too, and the saved config reruns the same run
     result = subprocess.run(
         [sys.executable, script, "--config", out / "torchft_config.yaml", "optimizer.lr=0.25"], capture_output=True, text=True

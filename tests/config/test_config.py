@@ -245,7 +245,7 @@ def test_validate_runtime_args_are_extendable():
 
 def test_log_and_save_config_writes_resolved_yaml(config_file, tmp_path, caplog, monkeypatch):
     cfg = load_config(config_file, [f"output_dir={tmp_path / 'out'}"])
-    with caplog.at_level(logging.INFO, logger="torchft"):
+    with caplog.at_level(logging.DEBUG, logger="torchft"):  # the whole config is logged at debug level
         path = log_and_save_config(cfg, cfg.output_dir)
     assert path == tmp_path / "out" / "torchft_config.yaml"
     saved = OmegaConf.load(path)

@@ -147,3 +147,23 @@ def test_config_key_typo_is_one_line_with_a_suggestion(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_step" in lines[0] and "max_steps" in lines[0]
     assert not list(tmp_path.glob("step_*"))
+
+
+def test_a_run_logs_a_short_config_summary_not_the_whole_config(tmp_path):
+    # an error after the config is saved: it stays visible under a few lines, not under a screen of YAML
+    result = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
+         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
+         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 4, result.stderr
+    assert "missing" in lines[-1] and "error" in lines[-1]
+    assert f"output_dir={tmp_path}" in result.stderr and f"{tmp_path}/torchft_config.yaml" in result.stderr
+    assert "metric_logger:" in (tmp_path / "torchft_config.yaml").read_text()  # the whole config, on disk
+    debug = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
+         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
+         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}", "--debug"], capture_output=True, text=True, timeout=120)
+    assert "metric_logger:" in debug.stderr  # and in the log with --debug

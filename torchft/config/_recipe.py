@@ -90,20 +90,41 @@ class CommandLineParser(argparse.ArgumentParser):
 
 
 def setup_logging() -> None:
-    """INFO messages from torchft go to stderr unless the application configured logging itself."""
+    """INFO messages from torchft (DEBUG ones too with ``--debug``) go to stderr unless the application
+    configured logging itself."""
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.DEBUG if debug_enabled(sys.argv[1:]) else logging.INFO)
 
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# The settings a run's summary names when the config has them (in this order).
+_SUMMARY_KEYS = ("checkpointer.checkpoint_dir", "output_dir", "resume_from_checkpoint", "max_steps", "epochs",
+                 "batch_size", "gradient_accumulation_steps", "optimizer.lr", "dtype", "device")
+
+
+def config_summary(cfg: DictConfig, saved_to: Path) -> str:
+    """Two lines for the log: the main settings of the run, and where the whole resolved config is."""
+    settings = []
+    for key in _SUMMARY_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            settings.append(f"{key}={value}")
+    model = OmegaConf.select(cfg, "model._component_", default=None)
+    if model is not None:
+        settings.insert(0, f"model={model}")
+    return (f"config: {' '.join(settings)}\n"
+            f"  resolved config in {saved_to} (printed in full with --debug)")
+
+
 def log_and_save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
-    """Log the resolved config and write it to ``<output_dir>/torchft_config.yaml``; returns that path.
+    """Write the resolved config to ``<output_dir>/torchft_config.yaml``, log a short summary of it
+    (the whole text at debug level), and return that path.
 
     Interpolations are resolved, so the saved file reruns the exact same run
     (``tune run RECIPE --config <output_dir>/torchft_config.yaml``). In a distributed run only rank 0
@@ -113,11 +134,12 @@ def log_and_save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
     path = Path(output_dir) / SAVED_CONFIG_NAME
     if not _is_main_process():
         return path
-    log.info("Running with config:\n%s", text)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)  # atomic: a reader never sees half a file
+    log.info("%s", config_summary(cfg, path))
+    log.debug("Running with config:\n%s", text)
     return path
 
 
