@@ -26,7 +26,8 @@ examples:
   tune run lora_finetune_single_device --config llama3_2/1B_lora_single_device \\
       checkpointer.checkpoint_dir=/tmp/Llama-3.2-1B-Instruct max_steps=100 optimizer.lr=1e-4
   tune run my_recipe.py --config my_config.yaml       a local script and config
-  tune run --nproc_per_node 2 my_fsdp_recipe.py --config my_config.yaml   a script that supports torchrun
+  tune run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/8B_lora   8 GPUs (FSDP2)
+  tune run --nproc_per_node 2 lora_finetune_distributed --config quickstart/lora_distributed   2 CPU processes
 
 overrides: key=value sets an existing key (nested: optimizer.lr=1e-4; lists: tasks=[a,b]),
 +key=value adds one, ~key removes one, model=<dotted.builder> swaps a component keeping its arguments.
@@ -102,6 +103,37 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_int(value) -> int | None:
+    low, _, high = str(value).partition(":")  # nnodes is "N" or "MIN:MAX"
+    if high and high != low:
+        return None
+    try:
+        return int(low)
+    except (TypeError, ValueError):
+        return None  # "gpu", "auto", an elastic range "1:4": torchrun decides
+
+
+def check_launch(nproc_per_node, nnodes, cfg) -> None:
+    """Refuse, before any process starts, more processes than visible GPUs and a global
+    ``batch_size`` the world size does not divide."""
+    import torch
+
+    nproc = _as_int(nproc_per_node)
+    if nproc is not None and str(cfg.get("device") or "").startswith("cuda"):
+        visible = torch.cuda.device_count()
+        if nproc > visible:
+            raise ValueError(f"--nproc_per_node ({nproc}) is above the {visible} visible GPU(s) of this machine "
+                             f"(one process per GPU): use --nproc_per_node {visible}" if visible else
+                             f"--nproc_per_node ({nproc}) needs {nproc} GPUs but none is visible: "
+                             "run on CPUs with device=cpu (gloo)")
+    nodes = _as_int(nnodes)
+    batch_size = cfg.get("batch_size")
+    if nproc is not None and nodes is not None and isinstance(batch_size, int) and batch_size > 0:
+        from torchft.training.distributed import per_rank_batch_size
+
+        per_rank_batch_size(batch_size, nproc * nodes)
+
+
 def run_distributed(argv: Sequence[str]) -> int:
     """Hand ``tune run <torchrun options> <recipe> --config ...`` over to torch.distributed.run."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -127,16 +159,27 @@ def run_distributed(argv: Sequence[str]) -> int:
     # Check the config and overrides here, once, before any process starts.
     cfg = load_config(recipe_args.config, recipe_args.overrides)
     check_recipe_keys(cfg, script, recipe_args.config)
+    check_launch(torchrun_args.nproc_per_node, torchrun_args.nnodes, cfg)
 
     torchrun_args.training_script = str(script)
     torchrun_args.training_script_args = ["--config", recipe_args.config, *recipe_args.overrides]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         run(torchrun_args)
+    except SignalException as err:
+        # torchrun passed the signal on to the recipe processes, which saved a step folder and exited.
+        print(f"tune: stopped by {err.sigval.name}; the recipe processes exited after saving (see above)",
+              file=sys.stderr)
+        raise SystemExit(128 + int(err.sigval)) from None
     except ChildFailedError as err:
-        ranks = sorted(err.failures)
-        first = err.failures[ranks[0]]
+        # The rank that failed first is the cause; the others were stopped because of it.
+        rank, first = err.get_first_failure()
+        how = f"exit code {first.exitcode}"
+        if first.exitcode < 0:
+            how += f", killed by {first.signal_name()}"
         raise ChildProcessError(
-            f"{len(ranks)} recipe process(es) failed (rank {ranks[0]}: exit code {first.exitcode}); "
+            f"{len(err.failures)} recipe process(es) failed (rank {rank}: {how}); "
             "their error is printed above"
         ) from None
     return 0

@@ -1,0 +1,138 @@
+"""torchft.training.distributed and the launch checks: refusals before any work, per-rank memory,
+a lost or hanging rank ending the job."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchft.cli import main as cli_main
+from torchft.training.distributed import (NotLaunchedError, check_nf4_shardable, init_distributed, nf4_shard_counts,
+                                          per_rank_batch_size)
+from torchft.training.distributed_checkpoint import check_same_run, load_trainable_state, run_identity
+from torchft.training.quickstart import tiny_base_model
+
+from ._launch import TUNE
+
+WORKER = Path(__file__).with_name("_worker.py")
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_global_batch_must_divide_by_the_world_size():
+    assert per_rank_batch_size(8, 2) == 4
+    with pytest.raises(ValueError, match=r"batch_size \(6\) is the global batch and must be divisible by the world "
+                                         r"size \(4\); world sizes that work: 1, 2, 3, 6"):
+        per_rank_batch_size(6, 4)
+
+
+def test_nf4_shard_rule_names_the_layer_its_shape_and_the_counts_that_work():
+    from torchft.models import from_hf_config
+    from torchft.models._llama import LlamaArgs
+
+    args = LlamaArgs(vocab_size=1024, num_layers=1, num_heads=4, num_kv_heads=4, embed_dim=128,
+                     intermediate_dim=256, max_seq_len=64)
+    with torch.device("meta"):
+        model = from_hf_config(args.to_hf_config(), lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8,
+                               quantize_base=True)
+    check_nf4_shardable(model, 1)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.weight \(128x128\) cannot be sharded as NF4 "
+                                         r"over 2 ranks .*shard counts that work: 1$"):
+        check_nf4_shardable(model, 2)
+    assert nf4_shard_counts((4096, 4096)) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    assert nf4_shard_counts((256, 256)) == [1, 2, 4]
+    assert nf4_shard_counts((100, 64)) == []
+
+
+def test_a_distributed_recipe_without_torchrun_says_how_to_launch_it(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(NotLaunchedError, match=r"lora_finetune_distributed is a distributed recipe: launch it with "
+                                               r"torchrun, e.g. `tune run --nproc_per_node <GPUs> lora_finetune_distributed"):
+        init_distributed("cpu", recipe="lora_finetune_distributed")
+
+
+def test_tune_run_refuses_more_processes_than_gpus_and_an_indivisible_batch(capsys):
+    run = ["run", "--nproc_per_node", "2", "lora_finetune_distributed", "--config", "quickstart/lora_distributed"]
+    for overrides, message in (
+        (["device=cuda"], "tune: error: --nproc_per_node (2) needs 2 GPUs but none is visible: run on CPUs with "
+                          "device=cpu (gloo)\n") if not torch.cuda.is_available() else
+        (["device=cuda"], f"tune: error: --nproc_per_node ({torch.cuda.device_count() + 1})"),
+        (["batch_size=3"], "tune: error: batch_size (3) is the global batch and must be divisible by the world size "
+                           "(2); world sizes that work: 1, 3\n"),
+    ):
+        args = list(run)
+        if torch.cuda.is_available() and overrides == ["device=cuda"]:
+            args[2] = str(torch.cuda.device_count() + 1)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main.main([*args, *overrides])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.startswith(message)
+
+
+def test_resume_refuses_a_folder_of_another_model_or_method(tmp_path):
+    from torchft.models import from_hf_config
+    from torchft.models._llama import LlamaArgs
+
+    args = LlamaArgs(vocab_size=256, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+                     max_seq_len=64)
+    with torch.device("meta"):
+        lora = from_hf_config(args.to_hf_config(), lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8)
+        dora = from_hf_config(args.to_hf_config(), lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8,
+                              use_dora=True)
+        full = from_hf_config(args.to_hf_config())
+    saved = run_identity("lora_finetune_distributed", lora)
+    check_same_run(saved, run_identity("lora_finetune_distributed", lora), tmp_path)
+    with pytest.raises(ValueError, match=r"was written by another adapter layout .*resume from a folder of this "
+                                         r"run's config"):
+        check_same_run(saved, run_identity("lora_finetune_distributed", dora), tmp_path)
+    with pytest.raises(ValueError, match=r"was written by another recipe"):
+        check_same_run(saved, run_identity("full_finetune_distributed", full), tmp_path)
+    with pytest.raises(ValueError, match=r"not written by a distributed recipe"):
+        check_same_run(None, saved, tmp_path)  # a single-device step folder
+    with pytest.raises(FileNotFoundError, match=r"no distributed checkpoint here \(a step folder of a single-device"):
+        load_trainable_state(lora, None, tmp_path / "distributed", adapters_only=True)
+
+
+# ------------------------------------------------------------------------------------------ real ranks
+def _worker(tmp_path: Path, **settings):
+    import subprocess
+
+    config = tmp_path / "worker.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in {"output_dir": tmp_path, "timeout_minutes": 1,
+                                                          "die_rank": -1, "base": None, **settings}.items()))
+    start = time.monotonic()
+    result = subprocess.run([*TUNE, "run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--config",
+                             str(config)], capture_output=True, text=True, timeout=240)
+    return result, time.monotonic() - start
+
+
+def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_then_a_lost_rank_ends_the_job(
+        tmp_path):
+    # ~60 MB of fp32 weights: large enough that holding them all would stand out of the allocator's noise
+    base = tiny_base_model(str(tmp_path / "base"), num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=4,
+                           intermediate_dim=1536, vocab_size=1024)
+    result, seconds = _worker(tmp_path, mode="load", base=base, die_rank=1)
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert abs(rank["local_bytes"] - rank["full_bytes"] / 2) < 0.01 * rank["full_bytes"]
+        # its shard, one full tensor in flight, and allocator slack; never the whole state dict
+        assert rank["peak_load_growth"] < rank["full_bytes"] / 2 + rank["largest_tensor_bytes"] + 8 * 2**20, rank
+    # rank 1 was killed in the middle of a save while rank 0 waited for it: the job ends, non-zero, naming it
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "recipe process(es) failed (rank 1: exit code -9, killed by SIGKILL)" in result.stderr.splitlines()[-1]
+    assert seconds < 60
+    # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it
+    from torchft.checkpoint import latest_step_dir
+
+    assert (tmp_path / "out").is_dir()  # the save had started
+    leftovers = [p.name for p in (tmp_path / "out").iterdir()]  # rank 0 removes its temporary folder if it can
+    assert all(name.startswith(".step_1.tmp-") for name in leftovers), leftovers
+    assert latest_step_dir(tmp_path / "out") is None
+
+
+def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
+    result, seconds = _worker(tmp_path, mode="hang", timeout_minutes=0.1)  # 6 s
+    assert result.returncode == 1, result.stderr[-2000:]
+    # rank 0's collective timed out (the process group aborts it); rank 1 was stopped because of it
+    assert "recipe process(es) failed (rank 0: exit code" in result.stderr.splitlines()[-1]
+    assert seconds < 60, seconds  # not the 30 minutes of the default process group

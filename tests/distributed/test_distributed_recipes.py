@@ -1,0 +1,181 @@
+"""The distributed recipes end to end: 2 CPU processes (gloo) launched by the real torchrun.
+
+Each launch costs seconds, so every run is made once (module fixtures) and checked by several tests:
+the same losses and weights as the single-device recipe with the global batch, step folders that
+load in transformers and peft, DCP resume (bitwise at the same world size, exact after resharding).
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.recipes._finetune import make_base, make_data, restore_torch_threads, tiny_config, train_losses, val_losses
+
+from ._launch import launch, single_device_overrides, tiny_overrides
+
+_threads = pytest.fixture(autouse=True)(restore_torch_threads)
+
+# NF4 over 2 shards: every quantized weight's element count divisible by 16384 x 2, dim 0 by 2
+TINY_NF4_SHARDABLE = dict(num_layers=2, embed_dim=256, num_heads=4, num_kv_heads=4, intermediate_dim=512,
+                          max_seq_len=256)
+
+
+def _run_ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_data")
+    return make_data(root)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("dist_base"))
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, base, data):
+    """LoRA on 2 ranks, the same on one device, and resumes of the 2-rank run's step_2 at 2 and 1 ranks."""
+    from torchft._recipes import lora_finetune_single_device
+
+    root = tmp_path_factory.mktemp("lora_runs")
+    runs = {"dist": root / "dist", "single": root / "single", "resume2": root / "resume2", "resume1": root / "resume1"}
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(runs["dist"], base, *data)))
+    lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides()))
+    for name, nproc in (("resume2", 2), ("resume1", 1)):
+        (runs[name] / "out").mkdir(parents=True)
+        shutil.copytree(runs["dist"] / "out" / "step_2", runs[name] / "out" / "step_2")
+        _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                       tiny_overrides(runs[name], base, *data, ["resume_from_checkpoint=latest"]), nproc=nproc))
+    return {name: path / "out" for name, path in runs.items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_lora_on_2_ranks_matches_one_device_with_the_global_batch(lora_runs):
+    dist, single = lora_runs["dist"], lora_runs["single"]
+    losses, reference = train_losses(dist), train_losses(single)
+    assert list(losses) == [1, 2, 3, 4]
+    for step in losses:
+        assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
+    for step, value in val_losses(single).items():
+        assert abs(val_losses(dist)[step] - value) < 1e-5
+    merged = lambda out: load_file(out / "step_4" / "model.safetensors")
+    adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(merged(dist), merged(single)) < 1e-4
+    assert _max_diff(adapter(dist), adapter(single)) < 1e-3  # 4 AdamW steps at lr 1e-2 on fp32 sums
+    assert json.loads((dist / "step_4" / "adapter" / "adapter_config.json").read_text()) == \
+        json.loads((single / "step_4" / "adapter" / "adapter_config.json").read_text())
+
+
+def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    step = lora_runs["dist"] / "step_4"
+    assert {"model.safetensors", "config.json", "tokenizer.model", "training_state.pt", "adapter",
+            "distributed"} <= {p.name for p in step.iterdir()}
+    tokens = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(step).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(tokens).logits, merged(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_at_the_same_world_size_is_bitwise(lora_runs):
+    uninterrupted, resumed = train_losses(lora_runs["dist"]), train_losses(lora_runs["resume2"])
+    assert list(resumed) == [3, 4]
+    assert all(resumed[step] == uninterrupted[step] for step in resumed)  # bitwise
+    adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(adapter(lora_runs["resume2"]), adapter(lora_runs["dist"])) == 0.0
+
+
+def test_resume_at_another_world_size_continues_the_run(lora_runs):
+    uninterrupted, resumed = train_losses(lora_runs["dist"]), train_losses(lora_runs["resume1"])
+    assert list(resumed) == [3, 4]
+    for step in resumed:  # 2 -> 1 ranks: the same samples, adapters and AdamW state, resharded
+        assert abs(resumed[step] - uninterrupted[step]) < 1e-5
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused_before_any_work(lora_runs, base, data):
+    used = lora_runs["dist"].parent  # holds out/step_2 and out/step_4
+    result = launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(used, base, *data))
+    assert result.returncode == 1
+    assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4 from an earlier run: continue it with " \
+           "resume_from_checkpoint=latest" in result.stderr
+    assert (used / "out" / "step_4" / "distributed" / ".metadata").is_file()  # nothing saved is lost
+
+
+def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
+    from torchft._recipes import full_finetune_single_device
+
+    dist, single = tmp_path / "dist", tmp_path / "single"
+    # activation checkpointing recomputes each layer inside FSDP's gathered unit: the same numbers
+    _run_ok(launch("full_finetune_distributed", "quickstart/full_distributed",
+                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true"])))
+    full_finetune_single_device.main(tiny_config("full", single, base, single_device_overrides(["optimizer.lr=1e-3"])))
+    losses, reference = train_losses(dist / "out"), train_losses(single / "out")
+    assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+    weights = lambda out: load_file(out / "out" / "step_4" / "model.safetensors")
+    assert _max_diff(weights(dist), weights(single)) < 1e-4
+    assert not (dist / "out" / "step_4" / "adapter").exists()
+
+
+def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
+    """NF4 base weights quantized whole then split: the same model as on one device, DoRA magnitudes too."""
+    from torchft._recipes import lora_finetune_single_device
+
+    root = tmp_path_factory.mktemp("qlora")
+    base = make_base(root, TINY_NF4_SHARDABLE)
+    extra = ["+model.quantize_base=true", "+model.use_dora=true", "model.lora_rank=8", "model.lora_alpha=16",
+             "max_steps=2", "optimizer.lr=1e-3"]
+    for run, nproc in (("dist", 2), ("dist1", 1)):  # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
+        _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                       tiny_overrides(root / run, base, *data, extra), nproc=nproc))
+    lora_finetune_single_device.main(tiny_config("lora", root / "single", base, single_device_overrides(extra)))
+    reference = train_losses(root / "single" / "out")
+    adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
+    assert any("magnitude" in k for k in adapter("single"))
+    for run in ("dist", "dist1"):
+        losses = train_losses(root / run / "out")
+        assert list(losses) == [1, 2]
+        assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+        assert _max_diff(adapter(run), adapter("single")) < 1e-4
+
+
+def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):
+    import signal
+    import subprocess
+    import time
+
+    from torchft.checkpoint import resolve_resume_dir
+
+    from ._launch import TUNE
+
+    out = tmp_path / "out"
+    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well
+    overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000", "replicas=2",
+                                                       "validation_dataset=null", "eval_every_n_steps=null"])
+    args = [*TUNE, "run", "--standalone", "--nproc_per_node", "2", "lora_finetune_distributed", "--config",
+            "quickstart/lora_distributed", *overrides]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # what SLURM sends on pre-emption
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "tune: stopped by SIGTERM; the recipe processes exited after saving (see above)"
+    saved = resolve_resume_dir("latest", out)
+    step = int(saved.name.split("_")[1])
+    assert 2 <= step < 500 and (saved / "distributed" / ".metadata").is_file()
+    assert f"SIGTERM received: saved {saved}" in stderr

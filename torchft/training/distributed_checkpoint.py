@@ -1,0 +1,269 @@
+"""Step folders of a sharded run, written by every rank at once and never gathered on one.
+
+``save_sharded_step`` writes ``<output_dir>/step_<N>/`` as the single-device recipes do, plus the
+sharded training state:
+
+    step_<N>/model*.safetensors (+ index)   the (merged) model; each rank writes its own rows with DCP's
+                                            HuggingFaceStorageWriter, then rank 0 joins the files
+    step_<N>/config.json, tokenizer files   copied from the input model
+    step_<N>/adapter/                       adapter recipes: the PEFT adapter (small, gathered on rank 0)
+    step_<N>/distributed/                   DCP: the trainable weights (full: the model; adapters: the
+                                            adapters, never the frozen base) and the optimizer, sharded
+    step_<N>/training_state.pt              step, LR schedule, data position, RNG, what run wrote it
+
+Rank 0 creates a hidden temporary folder, every rank writes into it, and rank 0 renames it into place
+after all have finished: a save cut short leaves only ``.step_<N>.tmp-*``, which
+``resume_from_checkpoint=latest`` never picks. DCP reshards on load, so a run resumes at any world
+size (the global batch stays the same, so the data position carries over).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchft.training.distributed import full_tensor
+
+DCP_DIR = "distributed"
+
+
+def _broadcast(value):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def shared_atomic_directory(target: Path, is_main: bool):
+    """A temporary folder every rank writes into; rank 0 renames it to ``target`` once all are done."""
+    from torchft.checkpoint._io import atomic_directory
+
+    if is_main:
+        with atomic_directory(target, overwrite=True) as tmp:
+            _broadcast(str(tmp))
+            yield tmp
+            dist.barrier()  # every rank has written its part before the rename
+    else:
+        tmp = Path(_broadcast(None))
+        yield tmp
+        dist.barrier()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``rows`` (this rank's part) as a DTensor placed like ``param``, or as is for a whole model."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        return DTensor.from_local(rows, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+    return rows
+
+
+class _LocalRows:
+    """This rank's rows of a LoRA/DoRA layer, with what ``merged_weight`` reads: the merge of each row
+    needs the row's base weight, B row and DoRA magnitude, and all of A [r, in] (gathered, it is small)."""
+
+    def __init__(self, module):
+        from torchft.modules.peft import DoRALinear
+
+        self.scaling = module.scaling
+        self.weight = _local(module.weight)
+        self.lora_a_weight = full_tensor(module.lora_a.weight)  # [r, in]
+        self.lora_b_weight = _local(module.lora_b.weight)  # [out / shards, r]
+        if isinstance(module, DoRALinear):
+            self.magnitude = _local(module.magnitude)  # [out / shards]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        from torchft.modules.peft._nf4 import dequantize
+
+        return dequantize(self.weight)
+
+    def lora_delta(self) -> torch.Tensor:
+        return self.scaling * (self.lora_b_weight.float() @ self.lora_a_weight.float())
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named weights of the model with every adapter merged, as DTensors of this rank's rows.
+
+    Each rank merges its own rows (the base rows plus B's rows times A), so nothing is gathered but
+    A; the math is the layer's own ``merged_weight``. NF4 base weights are dequantized.
+    """
+    from torchft.checkpoint.hf import torchft_to_hf_key
+    from torchft.modules.peft import LoRALinear
+    from torchft.modules.peft._nf4 import dequantize
+    from torchft.modules.peft.frozen_linear import FrozenLinear
+
+    out: dict[str, torch.Tensor] = {}
+    adapter_children: set[str] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, LoRALinear):
+            adapter_children.update({prefix + "lora_a", prefix + "lora_b"})
+        if module_name in adapter_children:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, LoRALinear) and name == "magnitude":
+                continue
+            if isinstance(module, LoRALinear) and name == "weight":
+                rows = type(module).merged_weight(_LocalRows(module))
+            elif isinstance(module, FrozenLinear) and name == "weight":
+                rows = dequantize(_local(param))
+            else:
+                rows = _local(param)
+            out[torchft_to_hf_key(prefix + name)] = _like(rows.contiguous(), param)
+    return out
+
+
+def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB") -> None:
+    """Write the merged model as HF safetensors into ``folder`` (a collective: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from torchft.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, _plan_shards, parse_size
+
+    state = merged_state_dict(model)
+    files = _plan_shards(state, parse_size(max_shard_size))  # [[hf key, ...] per file], the HF split
+    mapping = {key: i for i, keys in enumerate(files, start=1) for key in keys}
+    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=mapping, save_distributed=True,
+                                      enable_consolidation=True)
+    dcp.save(state, storage_writer=writer)
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder / "sharded", ignore_errors=True)  # the per-rank files, now joined
+        if len(files) == 1:  # one file: named as a single-device save names it
+            (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
+            os.replace(folder / "model-00001-of-00001.safetensors", folder / SAFETENSORS_SINGLE)
+
+
+# ------------------------------------------------------------------------------------------ DCP state
+def _trainable_state(model: nn.Module, optimizer, adapters_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Adapters only: the frozen base is not saved, so loading must not ask for it (DCP itself still
+    # fails on any adapter or optimizer entry the checkpoint lacks).
+    options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    return {"model": model_sd, "optimizer": optim_sd}, options
+
+
+def save_trainable_state(model: nn.Module, optimizer, folder: Path, adapters_only: bool) -> None:
+    """DCP shards of the trainable weights and the optimizer state (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    state, _ = _trainable_state(model, optimizer, adapters_only)
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_trainable_state(model: nn.Module, optimizer, folder: Path, adapters_only: bool) -> None:
+    """Load what ``save_trainable_state`` wrote, resharded to this run's world size (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if not (folder / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder}: no distributed checkpoint here (a step folder of a single-device "
+                                "run cannot resume a distributed run; start it fresh from that folder's weights)")
+    state, options = _trainable_state(model, optimizer, adapters_only)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+
+
+# ------------------------------------------------------------------------------------------ step folders
+def run_identity(recipe: str, model: nn.Module) -> dict:
+    """What must match for a run to resume another: the recipe, the architecture and the adapters."""
+    import dataclasses
+
+    from torchft.modules.peft import get_adapter_params
+
+    adapters = sorted(get_adapter_params(model))
+    return {"recipe": recipe, "model": dataclasses.asdict(model.args), "adapters": adapters}
+
+
+def check_same_run(saved: Mapping, current: Mapping, folder) -> None:
+    """Refuse, in one line, to resume from a folder another model or method wrote."""
+    if saved is None:
+        raise ValueError(f"{folder}: not written by a distributed recipe (no run identity); "
+                         "start a fresh run from its weights instead")
+    for key, what in (("recipe", "recipe"), ("model", "model architecture"), ("adapters", "adapter layout")):
+        if saved.get(key) != current[key]:
+            raise ValueError(f"{folder} was written by another {what} ({key}: saved {_short(saved.get(key))}, "
+                             f"this run {_short(current[key])}); resume from a folder of this run's config")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, recipe_state: Mapping, *,
+                      adapters_only: bool, is_main: bool) -> Path:
+    """Write ``step_<step>/`` (see the module docstring) from every rank; returns its path.
+
+    ``checkpointer``: the run's ``HFCheckpointer`` (input folder, config, shard size, ``keep_last_n``).
+    ``recipe_state``: the small picklable state rank 0 saves in ``training_state.pt``.
+    """
+    from torchft.checkpoint.checkpointer import ADAPTER_DIR, TRAINING_STATE_FILE
+    from torchft.checkpoint.hf import CONFIG_FILE
+    from torchft.checkpoint.peft import save_peft_adapter
+    from torchft.checkpoint._io import copy_support_files
+    from torchft.modules.peft import get_adapter_params
+
+    target = checkpointer.step_dir(step)
+    with shared_atomic_directory(target, is_main) as tmp:
+        save_trainable_state(model, optimizer, tmp / DCP_DIR, adapters_only)
+        write_merged_hf(model, tmp, checkpointer.max_shard_size)
+        adapters = {name: full_tensor(p.detach()).cpu() for name, p in get_adapter_params(model).items()}
+        if is_main:
+            (tmp / CONFIG_FILE).write_text(json.dumps(checkpointer.hf_config, indent=2, sort_keys=True) + "\n")
+            copy_support_files(checkpointer.checkpoint_dir, tmp)
+            if adapters:
+                base = checkpointer.base_model_name_or_path or str(checkpointer.checkpoint_dir.resolve())
+                save_peft_adapter(model, tmp / ADAPTER_DIR, base_model_name_or_path=base,
+                                  adapter_state_dict=adapters)
+            torch.save(dict(recipe_state), tmp / TRAINING_STATE_FILE)
+    if is_main:
+        checkpointer._prune(keep=target)
+    return target
+
+
+def recipe_state(step: int, lr_scheduler, loader, run: Mapping, global_batch_size: int) -> dict:
+    """What rank 0 keeps in ``training_state.pt`` beside the DCP shards (every rank's RNG is the same:
+    all start from one seed and draw alike)."""
+    from torchft.training.rng import get_rng_state
+
+    return {"step": int(step), "lr_scheduler": lr_scheduler.state_dict(), "dataloader": loader.state_dict(),
+            "rng": get_rng_state(), "run": dict(run), "global_batch_size": int(global_batch_size)}
+
+
+def restore_recipe_state(state: Mapping, lr_scheduler, loader, global_batch_size: int) -> int:
+    """Put the LR schedule, data position and RNG back; returns the step to continue after.
+
+    The data position is counted in global batches, so it carries over to another world size as long
+    as the global ``batch_size`` is the same.
+    """
+    from torchft.training.lr_schedule import load_lr_scheduler_state
+    from torchft.training.rng import set_rng_state
+
+    if state.get("global_batch_size") != global_batch_size:
+        raise ValueError(f"cannot resume the data order: saved batch_size={state.get('global_batch_size')} "
+                         f"but this run has batch_size={global_batch_size}")
+    data = {**state["dataloader"], "batch_size": loader.batch_size, "world_size": loader.world_size}
+    loader.load_state_dict(data)
+    load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
