@@ -46,11 +46,13 @@ def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor
     # Only a tensor that owns its whole storage can be told apart from others by its storage.
     owns_storage = (target.is_contiguous() and target.storage_offset() == 0
                     and storage.nbytes() == target.numel() * target.element_size())
-    storage = storage.data_ptr() if owns_storage else None
+    # Storages are told apart by their C++ object, not data_ptr(): every meta tensor (``tune estimate``)
+    # has data_ptr 0.
+    storage = storage._cdata if owns_storage else None
 
     def pack(t):
         # (tensor subclasses such as NF4 weights have no plain storage and are never the target)
-        if (storage is not None and type(t) is torch.Tensor and t.untyped_storage().data_ptr() == storage
+        if (storage is not None and type(t) is torch.Tensor and t.untyped_storage()._cdata == storage
                 and t.dtype == target.dtype):
             offset = t.storage_offset() - target.storage_offset()
             return _Recipe([outer_pack(s) for s in sources], t.size(), t.stride(), offset)

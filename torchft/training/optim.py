@@ -107,8 +107,10 @@ def build_adamw(
         return _stochastic_rounding_adamw()(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                                             bf16_stochastic_round=True)
     # fused (on the CPU too): one kernel per step, and the update is skipped on the device when
-    # ``found_inf`` is set (see step_unless_nonfinite)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=True)
+    # ``found_inf`` is set (see step_unless_nonfinite). Meta parameters (``tune estimate``) have no
+    # fused kernel; the unfused AdamW keeps the same states.
+    fused = all(p.device.type != "meta" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -213,5 +215,5 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, found_inf: torch.Ten
             optimizer.step()
         finally:
             del optimizer.found_inf
-    elif not found_inf.item():
+    elif found_inf.device.type == "meta" or not found_inf.item():  # meta (tune estimate): no value to read
         optimizer.step()
