@@ -269,6 +269,23 @@ def _config_dict(config: Any) -> dict | None:
     raise TypeError(f"config must be LlamaArgs, a dict or None, got {type(config).__name__}")
 
 
+def plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_size: int | str = "5GB") -> list[list[str]]:
+    """The keys of each shard file, as :func:`write_hf_weights` splits them (greedy in key order; a
+    tensor bigger than ``max_shard_size`` gets a shard of its own), for writers that need the split
+    before the tensors exist in one place (the sharded save of distributed recipes)."""
+    max_bytes = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
 def _flush_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
     save_file(unshare_tensors(shard), path, metadata={"format": "pt"})  # transformers checks "format"
 

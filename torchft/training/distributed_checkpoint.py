@@ -74,40 +74,19 @@ def _like(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-class _LocalRows:
-    """This rank's rows of a LoRA/DoRA layer, with what ``merged_weight`` reads: the merge of each row
-    needs the row's base weight, B row and DoRA magnitude, and all of A [r, in] (gathered, it is small)."""
-
-    def __init__(self, module):
-        from torchft.modules.peft import DoRALinear
-
-        self.scaling = module.scaling
-        self.weight = _local(module.weight)
-        self.lora_a_weight = full_tensor(module.lora_a.weight)  # [r, in]
-        self.lora_b_weight = _local(module.lora_b.weight)  # [out / shards, r]
-        if isinstance(module, DoRALinear):
-            self.magnitude = _local(module.magnitude)  # [out / shards]
-
-    def dequantized_weight(self) -> torch.Tensor:
-        from torchft.modules.peft._nf4 import dequantize
-
-        return dequantize(self.weight)
-
-    def lora_delta(self) -> torch.Tensor:
-        return self.scaling * (self.lora_b_weight.float() @ self.lora_a_weight.float())
-
-
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF-named weights of the model with every adapter merged, as DTensors of this rank's rows.
 
-    Each rank merges its own rows (the base rows plus B's rows times A), so nothing is gathered but
-    A; the math is the layer's own ``merged_weight``. NF4 base weights are dequantized.
+    Each rank merges its own rows (the base rows plus B's rows times A, DoRA's magnitude rows), so
+    nothing is gathered but A [r, in]; the math is ``merge_adapter_weight``'s, one formula for every
+    export. NF4 base weights are dequantized.
     """
     from torchft.checkpoint.hf import torchft_to_hf_key
     from torchft.modules.peft import LoRALinear
     from torchft.modules.peft._nf4 import dequantize
     from torchft.modules.peft.frozen_linear import FrozenLinear
+    from torchft.modules.peft.merge import merge_adapter_weight
 
     out: dict[str, torch.Tensor] = {}
     adapter_children: set[str] = set()
@@ -121,7 +100,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(module, LoRALinear) and name == "magnitude":
                 continue
             if isinstance(module, LoRALinear) and name == "weight":
-                rows = type(module).merged_weight(_LocalRows(module))
+                magnitude = getattr(module, "magnitude", None)  # DoRA: [out / shards]
+                rows = merge_adapter_weight(dequantize(_local(module.weight)),  # [out / shards, in]
+                                            full_tensor(module.lora_a.weight),  # [r, in]
+                                            _local(module.lora_b.weight),  # [out / shards, r]
+                                            module.scaling, None if magnitude is None else _local(magnitude))
             elif isinstance(module, FrozenLinear) and name == "weight":
                 rows = dequantize(_local(param))
             else:
@@ -135,10 +118,10 @@ def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    from torchft.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, _plan_shards, parse_size
+    from torchft.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, plan_shards
 
     state = merged_state_dict(model)
-    files = _plan_shards(state, parse_size(max_shard_size))  # [[hf key, ...] per file], the HF split
+    files = plan_shards(state, max_shard_size)  # [[hf key, ...] per file], the HF split
     mapping = {key: i for i, keys in enumerate(files, start=1) for key in keys}
     writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=mapping, save_distributed=True,
                                       enable_consolidation=True)
