@@ -1,10 +1,15 @@
 """The GPU benchmark suite runs end to end in its CPU toy mode and writes its table into the results file."""
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# HF+PEFT and torchtune rows come from the shared peer harness (shared/bench beside the checkout)
+HARNESS_FOUND = (REPO / "benchmarks" / "peer_harness.py").is_file() and any(
+    (d / "shared" / "bench" / "bench_peers.py").is_file() for d in (REPO, REPO.parent, REPO.parent.parent))
+PEER_ROWS = {("lora_1b", "hf_peft_lora"), ("full_1b", "hf_full")}
 
 
 def test_suite_tiny_runs_and_writes_its_table(tmp_path):
@@ -26,6 +31,9 @@ def test_suite_tiny_runs_and_writes_its_table(tmp_path):
                 ("decode_tiny", "torchft generate (eager)"),
                 ("decode_tiny", "transformers generate (dynamic cache)")]
     for key in expected:
+        if key in PEER_ROWS and not HARNESS_FOUND and "PEER_HARNESS_DIR" not in os.environ:
+            assert key[1] in text, (key, text)  # listed, with the reason it was not measured
+            continue
         assert rows.get(key, 0) > 0, (key, text)
     # torchtune is measured where it is installed, and otherwise says why not
     assert "tt_lora_best" in text
