@@ -39,6 +39,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
     for step, loss in [(1, 2.0), (2, 0.75)]:
         logger.log({"loss": loss}, step=step)
     logger.close()
+    import wandb
+
+    # W&B's service process writes the record file; it is complete once the service has shut down, as it
+    # is when the training process exits (and a user then runs `wandb sync`).
+    wandb.teardown()
     (run_dir,) = [p for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-")]
     assert json.loads((run_dir / "files" / "config.json").read_text()) == {"lr": 0.125, "batch_size": 3}
     lines = (run_dir / "files" / "metrics.jsonl").read_text().splitlines()
