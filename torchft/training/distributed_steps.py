@@ -73,7 +73,12 @@ def sharded_optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss
 
 @torch.no_grad()
 def sharded_validation_loss(model: nn.Module, batches, loss_fn, device: torch.device) -> float:
-    """Token-weighted mean loss over every rank's validation batches (each rank runs the same count)."""
+    """Token-weighted mean loss over every rank's validation batches.
+
+    Each rank must run the same count of batches (the forwards are collectives): ``build_dataloader``
+    with ``drop_last=False`` pads the samples to a multiple of the world size with masked copies, so
+    every sample counts once and the result equals one device's.
+    """
     from torchft.modules.loss import shift_targets
     from torchft.training.steps import to_device
 
