@@ -135,7 +135,7 @@ def main(cfg: DictConfig) -> None:
                                                          env.device),
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
-        is_main_process=env.is_main_process, any_rank=partial(any_rank, device=env.device))
+        is_main_process=env.is_main_process, any_rank=partial(any_rank, group=env.cpu_group))
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
     metric_logger.close()

@@ -53,6 +53,17 @@ def test_seeded_order_epochs_and_ranks():
     assert len(flat[0]) == len(flat[1]) == 8 and not set(flat[0]) & set(flat[1])
 
 
+def test_keeping_the_last_samples_on_several_ranks_pads_them_with_masked_copies():
+    """17 samples on 2 ranks: 9 each, the 18th a copy that carries no loss, so no sample is dropped."""
+    shards = [[b for b in build_dataloader(Numbers(17), 4, padded_collate, shuffle=False, drop_last=False, rank=r,
+                                           world_size=2)] for r in range(2)]
+    tokens = [[x for b in shard for x in b["tokens"][:, 0].tolist()] for shard in shards]
+    assert len(tokens[0]) == len(tokens[1]) == 9 and sorted(tokens[0] + tokens[1][:-1]) == list(range(17))
+    assert tokens[1][-1] == 0  # the copy of sample 0 ...
+    assert shards[1][-1]["num_target_tokens"] == 0  # ... whose labels are all masked
+    assert sum(b["num_target_tokens"] for shard in shards for b in shard) == 17  # each real sample's one target
+
+
 def test_state_mismatch_and_empty_loader_errors():
     loader = build_dataloader(Numbers(10), 2, padded_collate)
     state = loader.state_dict()

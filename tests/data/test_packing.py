@@ -55,6 +55,13 @@ def test_pack_layout(chats, llama3_tok):
     assert packed.stats["packs"] == len(packed) and 0 < packed.stats["pack_fill"] <= 1
 
 
+def test_packed_batches_count_real_tokens_not_the_pack_padding(chats):
+    unpacked, packed = chats
+    batch = packed_collate([packed[i] for i in range(len(packed))])
+    assert batch["num_tokens"] == sum(len(unpacked[j]["tokens"]) for j in range(len(unpacked)))
+    assert batch["num_tokens"] < batch["tokens"].numel()  # the packs end in padding
+
+
 def test_block_causal_mask_dense_and_flex_agree():
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]])
     dense = block_causal_mask(document_ids, mask_type="dense")

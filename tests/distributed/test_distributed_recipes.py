@@ -29,8 +29,9 @@ def _run_ok(result):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """32 training rows; 7 validation rows, which 2 ranks cannot split evenly (the last is padded)."""
     root = tmp_path_factory.mktemp("dist_data")
-    return make_data(root)
+    return make_data(root, val_rows=7)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def lora_runs(tmp_path_factory, base, data):
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {"dist": root / "dist", "single": root / "single", "resume2": root / "resume2", "resume1": root / "resume1"}
     _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(runs["dist"], base, *data)))
-    lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides()))
+    lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides(
+        [f"validation_dataset.data_files={data[1]}"])))
     for name, nproc in (("resume2", 2), ("resume1", 1)):
         (runs[name] / "out").mkdir(parents=True)
         shutil.copytree(runs["dist"] / "out" / "step_2", runs[name] / "out" / "step_2")
@@ -66,7 +68,8 @@ def test_lora_on_2_ranks_matches_one_device_with_the_global_batch(lora_runs):
     assert list(losses) == [1, 2, 3, 4]
     for step in losses:
         assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
-    for step, value in val_losses(single).items():
+    assert list(val_losses(dist)) == [0, 2, 4]
+    for step, value in val_losses(single).items():  # every validation sample counted once, on 2 ranks as on one
         assert abs(val_losses(dist)[step] - value) < 1e-5
     merged = lambda out: load_file(out / "step_4" / "model.safetensors")
     adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")

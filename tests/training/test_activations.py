@@ -87,10 +87,12 @@ def test_tiled_mlp_setting_keeps_the_step_equal_and_the_mlp_memory_per_tile():
         apply_tiled_mlp(model, 0)
 
 
-def test_the_loss_runs_outside_the_offload_context(monkeypatch):
-    """Offloading holds only the model's saved tensors: the loss's chunks are never copied to the host."""
+@pytest.mark.parametrize("where", ["one_device", "sharded"])
+def test_the_loss_runs_outside_the_offload_context(monkeypatch, where):
+    """Offloading holds only the model's saved tensors: the loss's chunks are never copied to the host,
+    on one device and in the data-parallel step (run here without a process group: nothing to reduce)."""
     from torchft.modules.loss import ChunkedCrossEntropy, output_params
-    from torchft.training import steps
+    from torchft.training import distributed_steps, steps
 
     inside = []
 
@@ -109,11 +111,18 @@ def test_the_loss_runs_outside_the_offload_context(monkeypatch):
             self.calls_inside.append(bool(inside))
             return super().__call__(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "activation_offloading", recording_offload)
     model = _tiny_lora_model(checkpointing=True)
     batch = {"tokens": torch.randint(0, 100, (1, 16)), "labels": torch.randint(0, 100, (1, 16))}
     loss_fn = RecordingLoss(chunk_tokens=8)
-    steps.forward_backward(model, [batch], loss_fn, output_params(model), offload_activations=True)
+    if where == "one_device":
+        monkeypatch.setattr(steps, "activation_offloading", recording_offload)
+        steps.forward_backward(model, [batch], loss_fn, output_params(model), offload_activations=True)
+    else:
+        from torchft.training import activations
+
+        for module in (distributed_steps, activations):  # wherever the step looks it up
+            monkeypatch.setattr(module, "activation_offloading", recording_offload, raising=False)
+        distributed_steps.sharded_forward_backward(model, [batch], loss_fn, offload_activations=True)
     assert loss_fn.calls_inside == [False]
 
 

@@ -116,6 +116,50 @@ def test_tokens_per_second_and_mfu_count_all_tokens_with_target_tokens_beside(mo
     assert m["mfu"] == pytest.approx(m["tokens_per_s"] * 1e3 / 1e9)  # every token, not only the targets
 
 
+def _mfu_over_one_device(**loop_kwargs) -> float:
+    """The logged mfu / (the step's global FLOP/s / one device's peak)."""
+    logger = Recorder()
+    make_loop(logger, [], log_every_n_steps=1, flops_per_token=lambda seq_len: 1e3, **loop_kwargs).run(
+        batches(), fixed_step)
+    m = next(m for s, m in logger.lines if "loss" in m)
+    return m["mfu"] / (m["tokens_per_s"] * 1e3 / 1e9)
+
+
+def test_mfu_of_a_data_parallel_run_is_per_device(monkeypatch):
+    """Tokens of all ranks over the peak of all their devices: 8 ranks at 40% log 0.4, not 3.2."""
+    from torchft.training import throughput
+
+    monkeypatch.setattr(throughput, "peak_flops", lambda device: 1e9)
+    assert _mfu_over_one_device() == pytest.approx(1.0)  # no process group: one device
+    with monkeypatch.context() as m:  # by default the process group's size (the distributed recipes' case)
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
+        assert _mfu_over_one_device() == pytest.approx(1 / 8)
+    assert _mfu_over_one_device(world_size=8) == pytest.approx(1 / 8)
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with():
+    from torchft.training.lr_schedule import build_lr_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=3e-3)
+    scheduler = build_lr_scheduler(optimizer, "cosine", num_warmup_steps=0, num_training_steps=7)
+    used = []
+
+    def train_step(micro_batches, step):  # as optimizer_step: update with the current LR, then the schedule
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        return fixed_step(micro_batches, step)
+
+    logger = Recorder()
+    make_loop(logger, [], log_every_n_steps=1).run(batches(), train_step, lr=lambda: optimizer.param_groups[0]["lr"])
+    logged = [m["lr"] for s, m in logger.lines if "loss" in m]
+    assert logged == used and len(logged) == 7
+    assert logged[0] == 3e-3  # no warm-up: the first step trains at the peak
+    assert logged[-1] > 0.0  # the last step's LR, not the schedule's end (0), which no step uses
+
+
 def test_an_epoch_ends_a_step_and_the_next_epoch_starts_a_new_one():
     from torchft.training.steps import step_micro_batches
 

@@ -120,7 +120,27 @@ def test_a_step_with_the_chunked_loss_does_not_sync(kind):
     assert counted.found == []
 
 
-def test_the_loop_reads_nothing_back_between_logging_steps():
+@pytest.fixture
+def one_rank_process_group():
+    """A gloo process group of this process alone: the distributed code paths, in process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_stop_decision_across_ranks_reads_nothing_back(one_rank_process_group):
+    from torchft.training.distributed import any_rank
+
+    with CountSyncs() as counted:
+        decisions = [any_rank(False), any_rank(True)]
+    assert decisions == [False, True]
+    assert counted.found == []  # a flag in host memory, reduced by gloo: no device to wait for
+
+
+@pytest.mark.parametrize("ranks", ["one", "distributed"])
+def test_the_loop_reads_nothing_back_between_logging_steps(ranks, request):
     _, step = setup("lora")
     seen = []
 
@@ -128,9 +148,14 @@ def test_the_loop_reads_nothing_back_between_logging_steps():
         seen.append(list(counted.found))  # what the loop and the earlier steps synced so far
         return step(batches)
 
+    any_rank = None
+    if ranks == "distributed":  # every step decides "stop?" on every rank, as the distributed recipes do
+        from torchft.training.distributed import any_rank
+
+        request.getfixturevalue("one_rank_process_group")
     batches = iter(micro_batches(8))
     loop = TrainingLoop(4, lambda n: f"step_{n}", MetricLogger(), torch.device("cpu"), gradient_accumulation_steps=2,
-                        log_every_n_steps=None, progress_bar=False)
+                        log_every_n_steps=None, progress_bar=False, any_rank=any_rank)
     with CountSyncs() as counted:
         loop.run(batches, train_step, lr=lambda: 0.0)
     assert seen == [[], [], [], []]  # steps 1-3 and the loop around them: nothing

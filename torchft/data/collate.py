@@ -9,7 +9,8 @@ labels with -100). The model's default causal mask is correct for right padding.
 
 ``packed_collate``: packs (all exactly ``max_seq_len`` long) stacked, plus ``input_pos`` and a
 block-causal ``mask`` so documents of a pack never attend to each other: a bool tensor [b, s, s]
-(True = may attend) for SDPA, or a flex_attention ``BlockMask`` on CUDA.
+(True = may attend) for SDPA, or a flex_attention ``BlockMask`` on CUDA. Its ``num_tokens`` counts
+the packs' documents only (each pack's ``num_tokens``), not the padding that fills a pack.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def packed_collate(batch: list[dict], device=None, mask_type: str = "auto") -> d
         raise ValueError(f"packed samples must all have the same length (max_seq_len), got lengths {sorted(lengths)}")
     out = {key: torch.stack([torch.as_tensor(s[key], dtype=torch.long) for s in batch]) for key in
            ("tokens", "labels", "input_pos", "document_ids")}
-    out["num_tokens"] = out["tokens"].numel()  # packs are full: every position is fed to the model
+    # the packs' real tokens: the padding after a pack's last document is fed to the model but is no data
+    out["num_tokens"] = sum(int(s["num_tokens"]) if "num_tokens" in s else len(s["tokens"]) for s in batch)
     out["num_target_tokens"] = count_target_tokens(out["labels"])
     out["mask"] = block_causal_mask(out["document_ids"], device=device if device is not None else "cpu", mask_type=mask_type)
     return out

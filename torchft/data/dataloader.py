@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from torchft.data.collate import packed_collate, padded_collate
+from torchft.data.collate import IGNORE_INDEX, packed_collate, padded_collate
 
 
 class ResumableDataLoader:
@@ -118,6 +118,28 @@ class ResumableDataLoader:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
 
 
+class MaskedTailPadding(torch.utils.data.Dataset):
+    """``dataset`` followed by copies of its first samples with every label masked, up to a multiple of
+    ``multiple`` samples: that many ranks then share every sample evenly, and the copies carry no loss."""
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset = dataset
+        self.packed = getattr(dataset, "packed", False)
+        self.num_samples = -(-len(dataset) // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.dataset):
+            return self.dataset[i]
+        sample = dict(self.dataset[i % len(self.dataset)])
+        labels = sample["labels"]  # a list (unpacked samples) or a [s] tensor (packs)
+        sample["labels"] = (torch.full_like(labels, IGNORE_INDEX) if isinstance(labels, torch.Tensor)
+                            else [IGNORE_INDEX] * len(labels))
+        return sample
+
+
 def build_dataloader(
     dataset,
     batch_size: int,
@@ -135,7 +157,13 @@ def build_dataloader(
 ) -> ResumableDataLoader:
     """A :class:`ResumableDataLoader`. Without ``collate_fn`` the collate matches the dataset:
     :func:`packed_collate` (mask built for ``device``) for packed datasets, else :func:`padded_collate`
-    with ``pad_id`` (pass ``tokenizer.pad_id``)."""
+    with ``pad_id`` (pass ``tokenizer.pad_id``).
+
+    With ``drop_last=False`` on several ranks every sample is kept: the dataset is padded to a multiple
+    of ``world_size`` with masked copies (:class:`MaskedTailPadding`), so a token-weighted loss over all
+    ranks (validation) equals the loss one device computes."""
+    if not drop_last and world_size > 1:
+        dataset = MaskedTailPadding(dataset, world_size)
     if collate_fn is None:
         if getattr(dataset, "packed", False):
             collate_fn = functools.partial(packed_collate, device=device if num_workers == 0 else None)

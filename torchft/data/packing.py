@@ -36,7 +36,8 @@ def greedy_pack_boundaries(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
 class PackedDataset(torch.utils.data.Dataset):
     """Packs of ``max_seq_len`` tokens over a :class:`~torchft.data.token_store.TokenStore`.
 
-    Items: ``{"tokens", "labels", "input_pos", "document_ids"}``, each a long tensor of shape [max_seq_len].
+    Items: ``{"tokens", "labels", "input_pos", "document_ids"}``, each a long tensor of shape [max_seq_len],
+    and ``num_tokens``, a [] long tensor: the pack's tokens that are not padding.
     """
 
     packed = True
@@ -78,6 +79,7 @@ class PackedDataset(torch.utils.data.Dataset):
             "labels": torch.from_numpy(out_labels),
             "input_pos": torch.from_numpy(input_pos.astype(np.int64)),
             "document_ids": torch.from_numpy(document_ids.astype(np.int64)),
+            "num_tokens": torch.tensor(used, dtype=torch.long),
         }
 
 

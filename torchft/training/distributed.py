@@ -41,14 +41,16 @@ class NotLaunchedError(ValueError):
 
 @dataclass
 class DistributedEnv:
-    """This process's place in the job: ``rank`` of ``world_size``, its ``device`` and the device ``mesh``
-    (1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for HSDP)."""
+    """This process's place in the job: ``rank`` of ``world_size``, its ``device``, the device ``mesh``
+    (1-D ``("shard",)``, or 2-D ``("replicate", "shard")`` for HSDP) and ``cpu_group``, a gloo group of
+    every rank for decisions the host makes alone (None: the default group is gloo already)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    cpu_group: object = None  # torch.distributed.ProcessGroup
 
     @property
     def is_main_process(self) -> bool:
@@ -96,7 +98,10 @@ def init_distributed(device: str = "cuda", *, timeout_minutes: float = 10.0, rep
         mesh = init_device_mesh(dev.type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
-    return DistributedEnv(rank, world_size, local_rank, dev, mesh)
+    # NCCL reduces GPU tensors only: the per-step stop decision goes over gloo, so it never waits for the GPU
+    cpu_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+                 if backend == "nccl" else None)
+    return DistributedEnv(rank, world_size, local_rank, dev, mesh, cpu_group)
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -294,6 +299,14 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any rank (the same stop decision everywhere)."""
-    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item())
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when ``flag`` is True on any rank (the same stop decision everywhere).
+
+    The flag is a CPU tensor reduced on ``group``, a gloo group (``DistributedEnv.cpu_group``; None:
+    the default group, which must then be gloo): the training loop decides this every step, and a
+    flag on the GPU would make every step wait for the device before the host could read it.
+    """
+    flags = torch.tensor([int(flag)], dtype=torch.int32)  # [1], host memory
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return bool(flags.numpy()[0])  # read from host memory: no device op

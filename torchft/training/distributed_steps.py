@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchft.training.activations import activation_offloading
 from torchft.training.distributed import all_reduce_sum, full_tensor
 
 
@@ -30,7 +31,6 @@ def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], lo
     root unit's gathered parameters, which exist only after ``hidden_states``: they are looked up then.
     """
     from torchft.modules.loss import output_params, shift_targets
-    from torchft.training.activations import activation_offloading
     from torchft.training.steps import step_target_tokens
 
     device = micro_batches[0]["tokens"].device
@@ -43,10 +43,10 @@ def sharded_forward_backward(model: nn.Module, micro_batches: Sequence[dict], lo
     for i, batch in enumerate(micro_batches):
         if sharded:  # accumulate locally; reduce-scatter only with the last micro-batch's backward
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        with activation_offloading(offload_activations, device):
+        with activation_offloading(offload_activations, device):  # the layers' saved inputs, not the loss's
             hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-            loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
-                                  output_params(model))
+        loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
+                              output_params(model))
         (loss_sum / denominator).backward()
         total += loss_sum.detach()
     return all_reduce_sum(total) / num_tokens.clamp(min=1), num_tokens
@@ -73,7 +73,12 @@ def sharded_optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss
 
 @torch.no_grad()
 def sharded_validation_loss(model: nn.Module, batches, loss_fn, device: torch.device) -> float:
-    """Token-weighted mean loss over every rank's validation batches (each rank runs the same count)."""
+    """Token-weighted mean loss over every rank's validation batches.
+
+    Each rank must run the same count of batches (the forwards are collectives): ``build_dataloader``
+    with ``drop_last=False`` pads the samples to a multiple of the world size with masked copies, so
+    every sample counts once and the result equals one device's.
+    """
     from torchft.modules.loss import shift_targets
     from torchft.training.steps import to_device
 

@@ -35,8 +35,11 @@ values: it all-reduces the target-token count before backward and passes it as
 ``optimizer_step(..., num_target_tokens=...)`` (the loss's denominator), and all-reduces the loss
 for logging; the gradient norm of sharded gradients is already global, so ``found_inf`` and the
 non-finite check stop every rank at the same step.
-``any_rank`` turns this rank's "stop requested" into the same decision on every rank (e.g. an
-all-reduce MAX); without it the local flag decides.
+``any_rank`` turns this rank's "stop requested" into the same decision on every rank; it is called
+every step, so it must not wait for the device (e.g. an all-reduce MAX of a CPU flag on a gloo
+group, :func:`torchft.training.distributed.any_rank`); without it the local flag decides.
+Throughput metrics are global (``tokens_per_s`` of all ranks together); ``mfu`` divides the global
+FLOP/s by ``world_size`` devices' peak, so it is the utilisation of each GPU.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import signal
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from torchft.training.signals import StopRequested
 from torchft.training.steps import (NonFiniteWatch, StepResult, out_of_memory_message, step_micro_batches,
@@ -75,7 +79,10 @@ class TrainingLoop:
         last_checkpoint: the folder the run resumed from, named in messages until the first save.
         progress_bar: show a tqdm bar (main process only).
         is_main_process: this process prints and logs.
-        any_rank: ``any_rank(local_flag) -> bool``, the same stop decision on every rank.
+        any_rank: ``any_rank(local_flag) -> bool``, the same stop decision on every rank (called every
+            step: it must not read from the device).
+        world_size: devices that train together, for the per-device MFU (None: the process group's
+            size, 1 without one).
     """
 
     def __init__(self, total_steps: int, save: Callable[[int], str], metric_logger, device: torch.device, *,
@@ -83,7 +90,7 @@ class TrainingLoop:
                  log_every_n_steps: int | None = 1, eval_every_n_steps: int | None = None,
                  validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  last_checkpoint=None, progress_bar: bool = True, is_main_process: bool = True,
-                 any_rank: Callable[[bool], bool] | None = None):
+                 any_rank: Callable[[bool], bool] | None = None, world_size: int | None = None):
         if start_step > total_steps:
             raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
                              f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
@@ -96,6 +103,9 @@ class TrainingLoop:
         self.last_checkpoint = None if last_checkpoint is None else str(last_checkpoint)
         self.is_main_process = is_main_process
         self.any_rank = any_rank or (lambda local: local)
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.world_size = world_size
         self._show_progress = progress_bar and is_main_process
 
     # ------------------------------------------------------------------ cadences
@@ -128,13 +138,14 @@ class TrainingLoop:
         """The logged metrics of a step: the only place the loop reads values back from the device.
 
         ``tokens_per_s`` and ``mfu`` count every token fed to the model (padding excluded);
-        ``target_tokens_per_s`` those that carried a loss.
+        ``target_tokens_per_s`` those that carried a loss. ``lr`` is the learning rate the step trained with.
         """
         target_tokens = int(result.num_target_tokens)
         tokens = int(result.num_tokens) if result.num_tokens is not None else target_tokens
         flops = self.flops_per_token(seq_len) if self.flops_per_token is not None else 0.0
         metrics = {"loss": _scalar(result.loss), "lr": lr, "grad_norm": _scalar(result.grad_norm),
-                   "tokens": tokens, "target_tokens": target_tokens, **step_metrics(tokens, seconds, flops, self.device),
+                   "tokens": tokens, "target_tokens": target_tokens,
+                   **step_metrics(tokens, seconds, flops, self.device, self.world_size),
                    "target_tokens_per_s": target_tokens / max(seconds, 1e-9)}
         if self.flops_per_token is None:
             metrics.pop("mfu", None)
@@ -148,7 +159,8 @@ class TrainingLoop:
         ``loader`` yields collated micro-batches (on the CPU or the device) and is iterated once per
         epoch (a :class:`~torchft.data.dataloader.ResumableDataLoader`; a step never mixes two epochs:
         an epoch's last step takes the batches left); ``train_step(micro_batches, step)`` runs one
-        optimizer step; ``lr()`` gives the learning rate to log.
+        optimizer step; ``lr()`` gives the current learning rate (read before a logged step runs,
+        since the step advances the schedule).
         """
         if self.is_main_process and hasattr(self.metric_logger, "continue_from"):
             self.metric_logger.continue_from(self.step)  # an earlier run's lines after this step are superseded
@@ -165,6 +177,9 @@ class TrainingLoop:
                 micro_batches = [to_device(b, self.device) for b in next(steps)]
                 self.step += 1
                 step = self.step
+                logging_step = self._every(step, self.log_every)
+                # the LR this step trains with: train_step steps the schedule to the next step's
+                step_lr = lr() if logging_step and lr is not None else float("nan")
                 timer.start()
                 try:
                     result = train_step(micro_batches, step)
@@ -173,9 +188,9 @@ class TrainingLoop:
                 timer.stop()
                 watch.update(step, result)  # on the device: no sync
 
-                if self._every(step, self.log_every):  # read back: metrics, then the non-finite check
+                if logging_step:  # read back: metrics, then the non-finite check
                     metrics = self._step_metrics(result, timer.seconds(), micro_batches[0]["tokens"].shape[1],
-                                                 lr() if lr is not None else float("nan"))
+                                                 step_lr)
                     watch.check(self.last_checkpoint)
                     self._log(metrics, step)
                     progress.update(metrics)

@@ -1,7 +1,8 @@
 """Speed and memory per step: tokens/s, peak memory, an MFU estimate, and the progress bar.
 
-MFU (model FLOPs utilisation) = achieved model FLOP/s / the device's peak dense bf16 FLOP/s, with
-model FLOPs per trained token (Chinchilla / PaLM convention, recompute not counted):
+MFU (model FLOPs utilisation) = achieved model FLOP/s / the device's peak dense bf16 FLOP/s, per
+device (a data-parallel job's FLOP/s over its device count times one device's peak), with model
+FLOPs per trained token (Chinchilla / PaLM convention, recompute not counted):
 
     full fine-tuning:         6 * N + 12 * L * d * s
     adapters (frozen base):   4 * N + 12 * L * d * s
@@ -107,13 +108,18 @@ class StepTimer:
         return self._stop - self._start
 
 
-def step_metrics(num_tokens: int, seconds: float, flops_per_tok: float, device: torch.device) -> dict[str, float]:
-    """tokens/s, memory and (on a known GPU) MFU of a step that trained ``num_tokens`` tokens."""
+def step_metrics(num_tokens: int, seconds: float, flops_per_tok: float, device: torch.device,
+                 world_size: int = 1) -> dict[str, float]:
+    """tokens/s, memory and (on a known GPU) MFU of a step that trained ``num_tokens`` tokens.
+
+    ``num_tokens`` are those of all ``world_size`` devices together (``tokens_per_s`` is the job's);
+    MFU is per device: the job's FLOP/s over ``world_size`` times one device's peak.
+    """
     tokens_per_s = num_tokens / max(seconds, 1e-9)
     metrics = {"tokens_per_s": tokens_per_s, **memory_stats(device)}
     peak = peak_flops(device)
     if peak is not None:
-        metrics["mfu"] = tokens_per_s * flops_per_tok / peak
+        metrics["mfu"] = tokens_per_s * flops_per_tok / (world_size * peak)
     return metrics
 
 
