@@ -71,3 +71,35 @@ def test_state_mismatch_and_empty_loader_errors():
         build_dataloader(Numbers(10), 3, padded_collate).load_state_dict(state)
     with pytest.raises(ValueError, match="gives no batch of batch_size=8"):
         build_dataloader(Numbers(5), 8, padded_collate)
+
+
+def test_a_state_saved_at_an_epochs_last_batch_names_the_next_epochs_first():
+    loader = build_dataloader(Numbers(16), 4, padded_collate, seed=5)  # 4 batches per epoch
+    batches = iter(loader)
+    for _ in range(4):
+        next(batches)  # the epoch's last batch is in use: the next one to draw is epoch 1's first
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 0)
+    expected = next(iter(loader))["tokens"]
+    for saved in (state, {**state, "epoch": 0, "position": 4}):  # and (e, len), as older checkpoints saved it
+        resumed = build_dataloader(Numbers(16), 4, padded_collate, seed=5)
+        resumed.load_state_dict(saved)
+        assert (resumed.epoch, resumed.position) == (1, 0)
+        assert torch.equal(next(iter(resumed))["tokens"], expected)
+
+
+@pytest.mark.parametrize("steps_done", [2, 4, 6])  # mid-epoch, the epoch's last step, the next epoch's
+def test_optimizer_steps_resume_at_any_boundary(steps_done):
+    from torchft.training.steps import step_micro_batches
+
+    make = lambda: build_dataloader(Numbers(32), 4, padded_collate, seed=3)  # 8 batches: 4 steps of 2 per epoch
+    ids = lambda step: [b["tokens"][:, 0].tolist() for b in step]
+    uninterrupted = step_micro_batches(make(), 2)
+    expected = [ids(next(uninterrupted)) for _ in range(10)]
+    first = make()
+    steps = step_micro_batches(first, 2)
+    assert [ids(next(steps)) for _ in range(steps_done)] == expected[:steps_done]
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())  # saved after step `steps_done`, as the training loop saves
+    steps = step_micro_batches(resumed, 2)
+    assert [ids(next(steps)) for _ in range(10 - steps_done)] == expected[steps_done:]

@@ -1,9 +1,11 @@
 """A seeded, resumable data loader: a resumed run sees exactly the batches it would have seen.
 
 The order of epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so the whole
-random state is (seed, epoch); the position is the number of batches already handed out in that epoch.
-``state_dict()`` saves these; ``load_state_dict()`` restores them and the next iteration continues at the
-following batch. With several ranks, each takes every ``world_size``-th sample of the permutation.
+random state is (seed, epoch); ``(epoch, position)`` names the next batch to draw. Handing out an epoch's
+last batch moves it to ``(epoch + 1, 0)`` at once, so a state saved while that batch is in use resumes
+at the next epoch's first batch (a state ``(e, len)`` of an older checkpoint is read the same way).
+``state_dict()`` saves these; ``load_state_dict()`` restores them and the next iteration continues at
+that batch. With several ranks, each takes every ``world_size``-th sample of the permutation.
 
     loader = build_dataloader(dataset, batch_size=4, collate_fn=..., seed=0)
     for epoch in range(loader.epoch, epochs):
@@ -46,7 +48,7 @@ class ResumableDataLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch = 0
-        self.position = 0  # batches of this epoch already handed out
+        self.position = 0  # the next batch to draw is batch ``position`` of ``epoch`` (always < len(self))
         if len(self) == 0:
             raise ValueError(
                 f"dataset of {len(dataset)} samples gives no batch of batch_size={batch_size} on "
@@ -80,7 +82,13 @@ class ResumableDataLoader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    def _roll_if_exhausted(self) -> None:
+        """An epoch with no batch left to draw means the next epoch's first batch."""
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+
     def __iter__(self):
+        """The batches of the current epoch from ``position`` on (what is left of it after a resume)."""
         batches = self._batches(self.epoch)[self.position :]
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -93,10 +101,12 @@ class ResumableDataLoader:
             generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         for batch in loader:
-            # Counted when handed out: a state saved while this batch is in use resumes after it.
+            # Counted when handed out: a state saved while this batch is in use resumes after it, which
+            # after an epoch's last batch is the next epoch's first (rolled here, before the yield: the
+            # training loop saves while it holds this batch, before this loop would end).
             self.position += 1
+            self._roll_if_exhausted()
             yield batch
-        self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
         return {
@@ -116,6 +126,7 @@ class ResumableDataLoader:
                     f"cannot resume the data order: saved {key}={state[key]} but this run has {key}={current}"
                 )
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._roll_if_exhausted()  # older checkpoints saved an exhausted epoch as (e, len)
 
 
 class MaskedTailPadding(torch.utils.data.Dataset):
