@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from torchft.checkpoint import load_training_state, resolve_resume_dir
+from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
 from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
@@ -134,6 +134,9 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
         is_main_process=env.is_main_process, any_rank=partial(any_rank, group=env.cpu_group))
+    # After every start check: the step folders a resumed run abandons go aside (runs never mix).
+    if resumed is not None and env.is_main_process:
+        set_aside_later_steps(output_dir, step)
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
     metric_logger.close()

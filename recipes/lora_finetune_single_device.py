@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from torchft.checkpoint import load_training_state, resolve_resume_dir
+from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
 from torchft.config import instantiate, log_and_save_config, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
@@ -120,6 +120,9 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
     warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
+    # After every start check: the step folders a resumed run abandons go aside (runs never mix).
+    if resumed is not None:
+        set_aside_later_steps(output_dir, step)
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
 

@@ -11,8 +11,9 @@ import torch
 from tests.checkpoint._tiny import assert_logits_close, logits, save_hf_folder, tokens
 from torchft.checkpoint import (
     HFCheckpointer, latest_step_dir, load_native_checkpoint, load_training_state, resolve_resume_dir,
-    save_hf_checkpoint, save_native_checkpoint,
+    save_hf_checkpoint, save_native_checkpoint, set_aside_later_steps,
 )
+from torchft.checkpoint.checkpointer import step_dirs
 from torchft.checkpoint.validate import is_adapter_key
 from torchft.models import build_from_args, from_hf_config
 
@@ -95,6 +96,29 @@ def test_resume_lookup(hf_dir, tmp_path):
         resolve_resume_dir(out / "step_9", out)
     with pytest.raises(ValueError, match="keep_last_n \\(0\\) must be at least 1"):
         HFCheckpointer(base, out, keep_last_n=0)
+
+
+def test_a_resume_sets_the_abandoned_runs_later_folders_aside(hf_dir, tmp_path, caplog):
+    base, _ = hf_dir
+    out = tmp_path / "out"
+    ckpt = HFCheckpointer(base, out, keep_last_n=2)
+    weights = _model(ckpt).state_dict()
+    for step in (2, 4, 6):  # run A
+        ckpt.save(step, weights, training_state={"step": step, "run": "A"})
+    assert set_aside_later_steps(out, 6) is None  # nothing after the last step
+    with caplog.at_level("WARNING", logger="torchft"):
+        aside = set_aside_later_steps(out, 4)  # run B resumes from A's step_4
+    assert aside.parent == out and aside.name.startswith("abandoned_")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resuming from step 4: moved step_6, saved after it by the run this one abandons, to {aside} (kept; "
+        "keep_last_n and resume_from_checkpoint=latest see only this run's step folders)"]
+    for step in (5, 6):  # run B
+        ckpt.save(step, weights, training_state={"step": step, "run": "B"})
+    assert [n for n, _ in step_dirs(out)] == [5, 6]  # pruning saw B's folders (and A's step_4) only
+    assert load_training_state(resolve_resume_dir("latest", out))["run"] == "B"
+    assert load_training_state(aside / "step_6") == {"step": 6, "run": "A"}  # set aside, intact
+    assert set_aside_later_steps(out, 5) != aside  # a later resume: its own folder
+    assert sorted(p.name for p in aside.iterdir()) == ["step_6"]
 
 
 def test_failed_save_leaves_previous_steps_and_nothing_complete_looking(hf_dir, tmp_path, monkeypatch):

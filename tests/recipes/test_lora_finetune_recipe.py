@@ -121,6 +121,31 @@ def test_sigterm_saves_a_resumable_checkpoint_then_latest_resumes(tmp_path, base
     assert (out / "step_5").is_dir()
 
 
+def test_a_save_or_sigterm_at_an_epochs_last_step_resumes_exactly(tmp_path, base):
+    # 32 rows, batch 4, 2 micro-batches per step: 4 steps per epoch, 12 in 3 epochs
+    common = ["max_steps=null", "epochs=3", "gradient_accumulation_steps=2", "model.lora_dropout=0.1",
+              "~validation_dataset"]
+    recipe.main(tiny_config("lora", tmp_path / "full", base,
+                            [*common, "save_every_n_steps=4", "checkpointer.keep_last_n=null"]))
+    full = tmp_path / "full" / "out"
+    state = torch.load(full / "step_4" / "training_state.pt", weights_only=True)["dataloader"]
+    assert (state["epoch"], state["position"]) == (1, 0)  # the next batch to draw: epoch 1's first
+    # resumed from the save at the end of epoch 1
+    recipe.main(tiny_config("lora", tmp_path / "saved", base, [*common, f"resume_from_checkpoint={full / 'step_4'}"]))
+    # stopped by SIGTERM at the end of epoch 2, then resumed from the folder it saved
+    stop = ["metric_logger._component_=" f"{__name__}.SignalAtStep", "+metric_logger.step=8",
+            "+metric_logger.action=sigterm", "~metric_logger.log_dir"]
+    with pytest.raises(SystemExit):
+        recipe.main(tiny_config("lora", tmp_path / "stopped", base, [*common, *stop]))
+    recipe.main(tiny_config("lora", tmp_path / "stopped", base, [*common, "resume_from_checkpoint=latest"]))
+    expected = train_losses(full)
+    adapter = lambda run: load_file(tmp_path / run / "out" / "step_12" / "adapter" / "adapter_model.safetensors")
+    for run, first in (("saved", 5), ("stopped", 9)):
+        got = train_losses(tmp_path / run / "out")
+        assert got == {step: expected[step] for step in range(first, 13)}  # exact, fp32 on CPU
+        assert all(torch.equal(value, adapter("full")[key]) for key, value in adapter(run).items())
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, base, monkeypatch):
     real_forward_backward = steps.forward_backward
     calls = []
@@ -260,6 +285,28 @@ def test_resume_from_an_earlier_step_logs_each_step_once(tmp_path, base):
                                                      f"resume_from_checkpoint={tmp_path / 'out' / 'step_2'}"]))
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
     assert train_losses(tmp_path / "out") == first  # and the resumed steps reproduce the earlier ones
+
+
+def test_a_resume_from_an_earlier_step_sets_the_abandoned_folders_aside(tmp_path, base, caplog):
+    from torchft.checkpoint import resolve_resume_dir
+
+    out = tmp_path / "out"
+    adapter = lambda folder: (folder / "adapter" / "adapter_model.safetensors").read_bytes()
+    recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", "save_every_n_steps=2", "~validation_dataset"]))
+    saved_by_a = adapter(out / "step_4")
+    # run B resumes A's step_2 with a longer schedule (other weights from step 3 on) and keeps 2 folders
+    with caplog.at_level("WARNING", logger="torchft"):
+        recipe.main(tiny_config("lora", tmp_path, base, [
+            "max_steps=5", "save_every_n_steps=1", "checkpointer.keep_last_n=2", "~validation_dataset",
+            f"resume_from_checkpoint={out / 'step_2'}"]))
+    (aside,) = out.glob("abandoned_*")
+    assert [r.getMessage() for r in caplog.records if "abandons" in r.getMessage()] == [
+        f"resuming from step 2: moved step_4, saved after it by the run this one abandons, to {aside} (kept; "
+        "keep_last_n and resume_from_checkpoint=latest see only this run's step folders)"]
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_4", "step_5"]  # B's: pruning saw only them
+    assert resolve_resume_dir("latest", out) == out / "step_5"
+    assert [p.name for p in aside.iterdir()] == ["step_4"] and adapter(aside / "step_4") == saved_by_a
+    assert adapter(out / "step_4") != saved_by_a
 
 
 def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base):

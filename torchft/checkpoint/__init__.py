@@ -4,7 +4,8 @@
 - Meta: ``load_meta_checkpoint`` / ``save_meta_checkpoint`` (``consolidated.00.pth`` + ``params.json``)
 - native single file: ``load_native_checkpoint`` / ``save_native_checkpoint``
 - PEFT adapters: ``save_peft_adapter`` / ``load_peft_adapter``
-- recipes: ``HFCheckpointer``, ``MetaCheckpointer``, ``latest_step_dir``, ``resolve_resume_dir``
+- recipes: ``HFCheckpointer``, ``MetaCheckpointer``, ``latest_step_dir``, ``resolve_resume_dir``,
+  ``set_aside_later_steps``
 
 Names are imported on first use, so importing this package stays cheap and a problem in one
 module never breaks the others.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "MetaCheckpointer": "checkpointer",
     "latest_step_dir": "checkpointer",
     "resolve_resume_dir": "checkpointer",
+    "set_aside_later_steps": "checkpointer",
     "load_training_state": "checkpointer",
     "load_peft_adapter": "peft",
     "save_peft_adapter": "peft",

@@ -19,10 +19,12 @@ Every step folder is written to a hidden temporary folder and renamed into place
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -41,6 +43,8 @@ from torchft.checkpoint.hf import (
 from torchft.checkpoint.meta import (
     consolidated_file, load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights,
 )
+
+log = logging.getLogger("torchft")
 
 TRAINING_STATE_FILE = "training_state.pt"
 REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
@@ -76,6 +80,34 @@ def latest_step_dir(output_dir: str | os.PathLike, *, require_training_state: bo
         if not require_training_state or (path / TRAINING_STATE_FILE).is_file():
             return path
     return None
+
+
+def set_aside_later_steps(output_dir: str | os.PathLike, step: int) -> Path | None:
+    """Move the ``step_<N>`` folders of ``output_dir`` with N > ``step`` into ``<output_dir>/abandoned_<UTC time>/``.
+
+    A run resumed from step ``step`` abandons what the earlier run saved after it. Left in place, those
+    folders would be pruned together with the new run's (``keep_last_n``), picked by
+    ``resume_from_checkpoint=latest``, or replaced when the new run saves the same step; set aside,
+    nothing is deleted and neither sees them (both look only at ``output_dir``'s own ``step_<N>``).
+    Logs one line; returns the folder they went to, or None when there were none.
+    """
+    later = [path for n, path in step_dirs(output_dir) if n > step]
+    if not later:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside, suffix = Path(output_dir) / f"abandoned_{stamp}", 1
+    while True:  # two resumes within a second: the second gets its own folder
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            aside, suffix = Path(output_dir) / f"abandoned_{stamp}-{suffix}", suffix + 1
+    for path in later:
+        os.rename(path, aside / path.name)
+    log.warning("resuming from step %d: moved %s, saved after it by the run this one abandons, to %s "
+                "(kept; keep_last_n and resume_from_checkpoint=latest see only this run's step folders)",
+                step, ", ".join(path.name for path in later), aside)
+    return aside
 
 
 def resolve_resume_dir(resume_from_checkpoint: Any, output_dir: str | os.PathLike) -> Path | None:
