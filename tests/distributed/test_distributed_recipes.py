@@ -41,19 +41,34 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, base, data):
-    """LoRA on 2 ranks, the same on one device, and resumes of the 2-rank run's step_2 at 2 and 1 ranks."""
+    """LoRA on 2 ranks for 6 steps (1.5 epochs: 4 steps of 2 x 2 batches per epoch), the same on one device,
+    and resumes of the 2-rank run: from step_2 at 2 ranks into a copy of its folders (A's later ones marked),
+    from step_4 (an epoch's last step) at 2 ranks, and from step_2 at 1 rank."""
     from torchft._recipes import lora_finetune_single_device
 
     root = tmp_path_factory.mktemp("lora_runs")
-    runs = {"dist": root / "dist", "single": root / "single", "resume2": root / "resume2", "resume1": root / "resume1"}
-    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(runs["dist"], base, *data)))
+    names = ("dist", "single", "resume2", "resume_epoch_end", "resume1")
+    runs = {name: root / name for name in names}
+    six_steps = ["max_steps=6", "checkpointer.keep_last_n=null"]
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                   tiny_overrides(runs["dist"], base, *data, six_steps)))
     lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides(
-        [f"validation_dataset.data_files={data[1]}"])))
-    for name, nproc in (("resume2", 2), ("resume1", 1)):
-        (runs[name] / "out").mkdir(parents=True)
-        shutil.copytree(runs["dist"] / "out" / "step_2", runs[name] / "out" / "step_2")
-        _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                       tiny_overrides(runs[name], base, *data, ["resume_from_checkpoint=latest"]), nproc=nproc))
+        [*six_steps, f"validation_dataset.data_files={data[1]}"])))
+    resumes = (("resume2", ("step_2", "step_4", "step_6"), "step_2", 2,  # keeps 2 of its saves 3, 4, 5, 6
+                ["checkpointer.keep_last_n=2", "save_every_n_steps=1"]),
+               ("resume_epoch_end", ("step_4",), "step_4", 2, []),
+               ("resume1", ("step_2",), "step_2", 1, []))
+    for name, copied, start, nproc, extra in resumes:
+        out = runs[name] / "out"
+        for folder in copied:
+            shutil.copytree(runs["dist"] / "out" / folder, out / folder)
+            if folder != start:
+                (out / folder / "saved_by_run_a").touch()
+        result = _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                                tiny_overrides(runs[name], base, *data,
+                                               ["max_steps=6", *extra, f"resume_from_checkpoint={out / start}"]),
+                                nproc=nproc))
+        (runs[name] / "stderr.log").write_text(result.stderr)
     return {name: path / "out" for name, path in runs.items()}
 
 
@@ -65,18 +80,18 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_lora_on_2_ranks_matches_one_device_with_the_global_batch(lora_runs):
     dist, single = lora_runs["dist"], lora_runs["single"]
     losses, reference = train_losses(dist), train_losses(single)
-    assert list(losses) == [1, 2, 3, 4]
+    assert list(losses) == [1, 2, 3, 4, 5, 6]
     for step in losses:
         assert abs(losses[step] - reference[step]) < 1e-5, (step, losses[step], reference[step])
-    assert list(val_losses(dist)) == [0, 2, 4]
+    assert list(val_losses(dist)) == [0, 2, 4, 6]
     for step, value in val_losses(single).items():  # every validation sample counted once, on 2 ranks as on one
         assert abs(val_losses(dist)[step] - value) < 1e-5
-    merged = lambda out: load_file(out / "step_4" / "model.safetensors")
-    adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")
+    merged = lambda out: load_file(out / "step_6" / "model.safetensors")
+    adapter = lambda out: load_file(out / "step_6" / "adapter" / "adapter_model.safetensors")
     assert _max_diff(merged(dist), merged(single)) < 1e-4
-    assert _max_diff(adapter(dist), adapter(single)) < 1e-3  # 4 AdamW steps at lr 1e-2 on fp32 sums
-    assert json.loads((dist / "step_4" / "adapter" / "adapter_config.json").read_text()) == \
-        json.loads((single / "step_4" / "adapter" / "adapter_config.json").read_text())
+    assert _max_diff(adapter(dist), adapter(single)) < 1e-3  # 6 AdamW steps at lr 1e-2 on fp32 sums
+    assert json.loads((dist / "step_6" / "adapter" / "adapter_config.json").read_text()) == \
+        json.loads((single / "step_6" / "adapter" / "adapter_config.json").read_text())
 
 
 def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base):
@@ -93,26 +108,40 @@ def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base)
         torch.testing.assert_close(with_adapter(tokens).logits, merged(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_at_the_same_world_size_is_bitwise(lora_runs):
-    uninterrupted, resumed = train_losses(lora_runs["dist"]), train_losses(lora_runs["resume2"])
-    assert list(resumed) == [3, 4]
-    assert all(resumed[step] == uninterrupted[step] for step in resumed)  # bitwise
-    adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")
-    assert _max_diff(adapter(lora_runs["resume2"]), adapter(lora_runs["dist"])) == 0.0
+# from step_2 (mid-epoch) and from step_4 (an epoch's last step)
+@pytest.mark.parametrize("run, first", [("resume2", 3), ("resume_epoch_end", 5)])
+def test_resume_at_the_same_world_size_is_bitwise(lora_runs, run, first):
+    uninterrupted, resumed = train_losses(lora_runs["dist"]), train_losses(lora_runs[run])
+    assert resumed == {step: uninterrupted[step] for step in range(first, 7)}  # bitwise
+    adapter = lambda out: load_file(out / "step_6" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(adapter(lora_runs[run]), adapter(lora_runs["dist"])) == 0.0
+
+
+def test_a_resume_from_an_earlier_step_sets_the_abandoned_folders_aside(lora_runs):
+    from torchft.checkpoint import resolve_resume_dir
+
+    out = lora_runs["resume2"]  # held A's step_2, step_4, step_6 (the last two marked); resumed from step_2
+    (aside,) = out.glob("abandoned_*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_4", "step_6"]
+    assert all((aside / name / "saved_by_run_a").is_file() for name in ("step_4", "step_6"))  # kept as they were
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_5", "step_6"]  # keep_last_n=2 of B's own
+    assert resolve_resume_dir("latest", out) == out / "step_6" and not (out / "step_6" / "saved_by_run_a").exists()
+    assert f"resuming from step 2: moved step_4, step_6, saved after it by the run this one abandons, to {aside}" \
+        in (out.parent / "stderr.log").read_text()
 
 
 def test_resume_at_another_world_size_continues_the_run(lora_runs):
     uninterrupted, resumed = train_losses(lora_runs["dist"]), train_losses(lora_runs["resume1"])
-    assert list(resumed) == [3, 4]
+    assert list(resumed) == [3, 4, 5, 6]
     for step in resumed:  # 2 -> 1 ranks: the same samples, adapters and AdamW state, resharded
         assert abs(resumed[step] - uninterrupted[step]) < 1e-5
 
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused_before_any_work(lora_runs, base, data):
-    used = lora_runs["dist"].parent  # holds out/step_2 and out/step_4
+    used = lora_runs["dist"].parent  # holds out/step_2, out/step_4 and out/step_6
     result = launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(used, base, *data))
     assert result.returncode == 1
-    assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4 from an earlier run: continue it with " \
+    assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue it with " \
            "resume_from_checkpoint=latest" in result.stderr
     assert (used / "out" / "step_4" / "distributed" / ".metadata").is_file()  # nothing saved is lost
 
