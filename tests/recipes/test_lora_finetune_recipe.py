@@ -316,13 +316,14 @@ def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base):
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=8", *common, "resume_from_checkpoint=latest"]))
     logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "out") if "lr" in m}
-    # a fresh linear schedule over 8 steps (the LR logged at step k is the one set after k updates)
+    # a fresh linear schedule over 8 steps (the LR logged at step k is the one step k trained with,
+    # set after k - 1 updates)
     sched = build_lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2), "linear",
                                num_training_steps=8)
     expected = {}
     for k in range(1, 9):
-        sched.optimizer.step(), sched.step()
         expected[k] = sched.get_last_lr()[0]
+        sched.optimizer.step(), sched.step()
     assert [logged[k] for k in range(5, 9)] == pytest.approx([expected[k] for k in range(5, 9)])
     assert logged[5] > 0  # the old schedule had ended at step 4 (LR 0 from there on)
 
