@@ -182,6 +182,11 @@ def _peer_rows(variant: str, lines: list[dict]) -> list[dict]:
     return rows
 
 
+def _timeout(seconds: float) -> float | None:
+    """A subprocess limit: None for no limit, at least a second otherwise."""
+    return None if seconds == float("inf") else max(seconds, 1)
+
+
 def run_peers(variants: list[str], tiny: bool, pythonpath: str | None, timeout_s: float) -> list[dict]:
     """The peer variants through the shared harness, in one fresh process (its own memory and compiler
     state). ``pythonpath`` is prepended for the peers only (torchtune and the torchao it needs, kept apart
@@ -195,7 +200,7 @@ def run_peers(variants: list[str], tiny: bool, pythonpath: str | None, timeout_s
         env["OMP_NUM_THREADS"] = "1"  # toy runs on one CPU thread, as ours (steadier on a shared machine)
     cmd = [sys.executable, str(PEER_HARNESS), *(["--tiny"] if tiny else []), *variants]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(timeout_s, 1))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=_timeout(timeout_s))
     except subprocess.TimeoutExpired:
         return [dict(peer=v, skipped=f"timed out after {timeout_s:.0f} s") for v in variants]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -215,7 +220,7 @@ def run_decode(shape: str, timeout_s: float) -> list[dict]:
         cmd = [sys.executable, str(Path(__file__).with_name("bench_decode.py")), "--shape", shape,
                "--device", "cuda", "--dtype", "bf16", "--compile", "--new-tokens", "128", "--repeats", "3", "--json"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout_s, 1))
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_timeout(timeout_s))
             lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
             result = lines[-1] if lines else dict(shape=shape, error=proc.stderr[-300:])
         except subprocess.TimeoutExpired:
@@ -248,7 +253,8 @@ class Row:
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise ``TimeoutError`` in this process's main thread once ``seconds`` have passed (SIGALRM)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if seconds == float("inf") or not hasattr(signal, "setitimer") or not in_main_thread:
         yield
         return
 
@@ -447,24 +453,22 @@ def plan(workloads: list[str], suite: bool, tiny: bool, peers: bool, measure: di
     def decode_row(shape, cost):
         return Row(f"decode_{shape}", "decode", "", cost, lambda left: run_decode(shape, left - 2))
 
-    torchft = {}
-    for workload, label, cost in _torchft_entries(workloads, suite, tiny):
-        torchft.setdefault(workload, []).append(torchft_row(workload, label, cost))
-    if tiny:  # a few processes in all: each workload's rows, its peers in one process, then decode
+    torchft = {(w, label): torchft_row(w, label, cost) for w, label, cost in _torchft_entries(workloads, suite, tiny)}
+    if tiny or not suite:  # workload by workload; toy peers share one process per workload
         rows = []
         for workload in workloads:
-            rows += torchft[workload]
-            variants = [v for w, who, v, _ in SUITE if w == workload and who == "peer"] if suite else WORKLOADS[workload][4]
-            rows += [peer_row(workload, variants, 3 * TINY_ROW_S)] if peers else []
+            rows += [row for (w, _), row in torchft.items() if w == workload]
+            variants = ([v for w, who, v, _ in SUITE if w == workload and who == "peer"] if suite
+                        else WORKLOADS[workload][4])
+            if peers:
+                rows += [peer_row(workload, variants, 3 * TINY_ROW_S)] if tiny else [peer_row(workload, [v], 120)
+                                                                                      for v in variants]
         return rows + ([decode_row("tiny", TINY_ROW_S)] if suite else [])
-    if not suite:
-        return [row for workload in workloads for row in torchft[workload] + (
-            [peer_row(workload, [v], 120) for v in WORKLOADS[workload][4]] if peers else [])]
-    rows, torchft_left = [], {w: iter(r) for w, r in torchft.items()}
+    rows = []
     for workload, who, name, cost in SUITE:
-        if who == "torchft" and workload in workloads:
-            rows.append(next(torchft_left[workload]))
-        elif who == "peer" and workload in workloads and peers:
+        if who == "torchft" and (workload, name) in torchft:
+            rows.append(torchft[(workload, name)])
+        elif who == "peer" and peers and workload in workloads:
             rows.append(peer_row(workload, [name], cost))
         elif who == "decode":
             rows.append(decode_row(name, cost))

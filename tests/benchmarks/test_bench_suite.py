@@ -88,7 +88,8 @@ def test_gpu_session_dry_run_writes_every_row_into_the_folder_it_is_given(tmp_pa
     blocked = tmp_path / "blocked"  # lm-eval and wandb absent, as on the GPU machine
     for name in ("lm_eval", "wandb"):
         (blocked / name).mkdir(parents=True)
-        (blocked / name / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})')
+        missing = f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})'
+        (blocked / name / "__init__.py").write_text(missing)
     harness = tmp_path / "harness"
     harness.mkdir()
     (harness / "bench_peers.py").write_text(FAKE_HARNESS)
