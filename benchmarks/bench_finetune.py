@@ -308,7 +308,10 @@ def run_rows(rows: list[Row], budget_s: float, on_row: Callable[[list[dict]], No
         on_row(found)
         results += found
         if "seconds" in found[0]:
-            fresh_start()
+            try:
+                fresh_start()
+            except Exception as error:  # e.g. a CUDA error the row left: the next rows report their own
+                print(f"clearing caches after {row.workload} failed: {type(error).__name__}: {error}", file=sys.stderr)
     return results
 
 
