@@ -18,7 +18,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-session_s=${SESSION_BUDGET_S:-450}  # 7.5 minutes: one command may take 10, a session's device time is 15
+session_s=${SESSION_BUDGET_S:-420}  # 7 minutes: one command may take 10, a session's device time is 15
 export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/session.log"; }
 left() { echo $((session_s - SECONDS)); }
@@ -58,7 +58,7 @@ print(f"python {sys.version.split()[0]};", ", ".join(found))
 EOF
 
 log "estimates in the background (one CPU core)"
-OMP_NUM_THREADS=1 timeout 200 "$python" benchmarks/bench_finetune.py --suite --estimates "${tiny[@]}" --out "$out" \
+OMP_NUM_THREADS=1 timeout 150 "$python" benchmarks/bench_finetune.py --suite --estimates "${tiny[@]}" --out "$out" \
     >"$out/estimates.log" 2>&1 &
 estimates_pid=$!
 
