@@ -6,7 +6,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def peer_harness_dir() -> Path:
-    """$PEER_HARNESS_DIR, else ``shared/bench`` inside, beside or above the repository."""
-    candidates = [os.environ.get("PEER_HARNESS_DIR", ""), REPO / "shared" / "bench",
-                  REPO.parent / "shared" / "bench", REPO.parent.parent / "shared" / "bench"]
-    return next((Path(c) for c in candidates if c and (Path(c) / "bench_peers.py").is_file()), Path(candidates[1]))
+    """$PEER_HARNESS_DIR when set (benchmarks/gpu_wheels.sh copies the harness into .whl/peers, which
+    travels to a GPU machine), else ``shared/bench`` inside, beside or above the repository."""
+    if os.environ.get("PEER_HARNESS_DIR"):
+        return Path(os.environ["PEER_HARNESS_DIR"])
+    candidates = [REPO / "shared" / "bench", REPO.parent / "shared" / "bench", REPO.parent.parent / "shared" / "bench"]
+    return next((c for c in candidates if (c / "bench_peers.py").is_file()), candidates[0])

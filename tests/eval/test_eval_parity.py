@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (torchft[eval])")
+
 ASSETS = Path(__file__).parents[1] / "assets"
 sys.path.insert(0, str(ASSETS))
 from tiny_llama_pair import make_pair, save_tiny_tokenizer  # noqa: E402

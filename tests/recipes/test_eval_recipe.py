@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (torchft[eval])")
+
 ASSETS = Path(__file__).parents[1] / "assets"
 sys.path.insert(0, str(ASSETS))
 from tiny_llama_pair import save_tiny_checkpoint  # noqa: E402

@@ -220,6 +220,7 @@ def test_cuda_bf16_compile_checkpointing_offloading(tmp_path, base):
 
 
 def test_epoch_based_run_and_wandb_offline_logging(tmp_path, base, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (torchft[wandb])")
     monkeypatch.setenv("WANDB_SILENT", "true")
     # 32 training rows, batch 4, 2 micro-batches per step: one epoch is 4 optimizer steps
     cfg = tiny_config("lora", tmp_path, base, [

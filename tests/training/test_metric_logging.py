@@ -2,6 +2,8 @@
 import io
 import json
 
+import pytest
+
 from torchft.training.metric_logging import JSONLLogger, MultiLogger, StdoutLogger, TensorBoardLogger, WandBLogger
 
 
@@ -19,6 +21,7 @@ def test_stdout_and_jsonl(tmp_path):
 
 
 def test_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (torchft[tensorboard])")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path)
@@ -32,6 +35,7 @@ def test_tensorboard(tmp_path):
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (torchft[wandb])")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = WandBLogger(project="torchft-test", log_dir=str(tmp_path))

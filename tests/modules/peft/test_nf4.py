@@ -210,20 +210,20 @@ def test_qlora_forward_backward_on_cuda():
     from torchft.models import llama
 
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = _tiny_qlora(quantize_base=True, use_dora=True)
-            dequantized = llama(**NF4_TINY)
-    finally:
-        torch.set_default_dtype(previous)
+    # Compared in fp32, as on the CPU: in bf16 the reference's merged DoRA weight is rounded to bf16 once
+    # more than the adapter path's, which moves 13-16% of the logits past bf16's default tolerance.
+    with torch.device("cuda"):
+        model = _tiny_qlora(quantize_base=True, use_dora=True)
+        dequantized = llama(**NF4_TINY)
     assert all(is_nf4(m.weight) and m.weight.is_cuda for n, m in model.named_modules() if n.endswith("q_proj"))
     dequantized.load_state_dict(get_merged_state_dict(model))
-    set_trainable_params(model, get_adapter_params(model))
     tokens = torch.randint(0, 64, (2, 8), device="cuda")
+    torch.testing.assert_close(model(tokens), dequantized(tokens))
+    # Training runs in bf16: the NF4 CUDA path there gives gradients to the adapters alone.
+    model.to(torch.bfloat16)
+    set_trainable_params(model, get_adapter_params(model))
     logits = model(tokens)
-    torch.testing.assert_close(logits, dequantized(tokens))
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
     logits.float().logsumexp(-1).mean().backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(get_adapter_params(model))
