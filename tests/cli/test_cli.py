@@ -261,6 +261,38 @@ def test_validate_checks_the_checkpoint_architecture_and_names_the_way_out(tmp_p
     assert result.returncode == 0, result.stderr
 
 
+def test_validate_reports_what_the_run_would_refuse_at_start_all_at_once(tmp_path):
+    out = tmp_path / "out"
+    (out / "step_3").mkdir(parents=True)  # an earlier run's folder
+    config = "llama3_2/1B_lora_single_device"
+    result = tune("validate", config, "--skip-checkpoint", f"output_dir={out}", "max_steps=abc", "batch_size=0",
+                  "dataset.source=json", f"dataset.data_files={tmp_path / 'nope.jsonl'}",
+                  "validation_dataset={_component_: torchft.data.instruct_dataset, source: json}",
+                  "+lr_scheduler.num_training_steps=5", "+loss.compile=true")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"tune validate: {config}: 7 problems",
+        "  lr_scheduler.num_training_steps is set by the recipe from max_steps/epochs; remove it",
+        "  loss.compile is set by the recipe from the top-level compile; remove it",
+        "  batch_size (0) must be a positive integer",
+        "  max_steps (abc) must be a positive integer",
+        f"  dataset: data file not found: {tmp_path / 'nope.jsonl'}",
+        "  validation_dataset: source='json' reads local files: set data_files to a path",
+        f"  output_dir ({out}) already holds step_3 from an earlier run: continue it with "
+        "resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, or choose another "
+        "output_dir",
+    ]
+    # the same checks, one line, when the run starts (in-process: the recipe's main)
+    line = one_error_line(tune("run", "lora_finetune_single_device", "--config", config, f"output_dir={out}",
+                               "max_steps=abc", "+loss.compile=true"))
+    assert line == ("tune: error: loss.compile is set by the recipe from the top-level compile; remove it; "
+                    "max_steps (abc) must be a positive integer; "
+                    f"output_dir ({out}) already holds step_3 from an earlier run: continue it with "
+                    "resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, or choose "
+                    "another output_dir")
+    assert sorted(p.name for p in out.iterdir()) == ["step_3"]  # nothing written
+
+
 # --- run -----------------------------------------------------------------------------------------
 
 
