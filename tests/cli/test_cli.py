@@ -330,6 +330,7 @@ def test_run_errors_inside_the_recipe_are_one_line(tiny):
                    tune("run", script, "--config", config, "fail=runtime", env={"TUNE_DEBUG": "1"})):
         assert result.returncode == 1
         assert "Traceback (most recent call last)" in result.stderr and 'raise RuntimeError("boom' in result.stderr
+        assert "_component_: collections.Counter" in result.stderr  # the whole config is logged with --debug
     # the script run directly behaves the same
     result = subprocess.run([sys.executable, script, "--config", config, "fail=value"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.splitlines()[-1] == f"{script.name}: error: batch_size (0) must be positive"
