@@ -234,12 +234,13 @@ def test_validate_refuses_unknown_override_and_reports_yaml_line(tmp_path, tiny)
 
 def test_validate_checks_keys_against_the_recipe(tmp_path, shipped):
     recipe, config = shipped
-    result = tune("validate", config.name, "--skip-checkpoint")
+    out = f"output_dir={tmp_path / 'out'}"  # not what earlier runs left in the config's /tmp folder
+    result = tune("validate", config.name, "--skip-checkpoint", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"OK: {config.name} (keys checked against recipe {recipe.name})\n"
     mine = tmp_path / "mine.yaml"
     mine.write_text(config.path.read_text() + "max_stepz: 3\n")
-    result = tune("validate", mine, "--recipe", recipe.name, "--skip-checkpoint")
+    result = tune("validate", mine, "--recipe", recipe.name, "--skip-checkpoint", out)
     assert result.returncode == 1
     assert any(line.startswith("  max_stepz: unknown key for this recipe") for line in result.stderr.splitlines())
 

@@ -243,9 +243,10 @@ def test_a_fresh_run_into_a_used_output_dir_refuses_unless_overwritten(tmp_path,
     common = ["~validation_dataset", "save_every_n_steps=1"]
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common]))
     saved = {name: (tmp_path / "out" / name).read_bytes() for name in ("torchft_config.yaml", "logs/config.json")}
-    with pytest.raises(ValueError, match=r"output_dir \(.*out\) already holds step_1, step_2 from an earlier run: "
-                                         r"continue it with resume_from_checkpoint=latest, delete its step "
-                                         r"folders with overwrite_output_dir=true, or choose another output_dir"):
+    with pytest.raises((ValueError, FileExistsError),
+                       match=r"output_dir \(.*out\) already holds step_1, step_2 from an earlier run: "
+                             r"continue it with resume_from_checkpoint=latest, delete its step "
+                             r"folders with overwrite_output_dir=true, or choose another output_dir"):
         recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", "optimizer.lr=5e-3", *common]))
     assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_1", "step_2"]  # nothing lost
     # and nothing written: the finished run's saved config is still its own
