@@ -91,7 +91,9 @@ def recipe_set_problems(cfg: DictConfig, runtime: Mapping[str, Iterable[str]]) -
     problems = []
     for key in map(str, cfg.keys()):
         supplied = supplied_args(runtime, key)
-        for path, node in _component_nodes(cfg, key) if supplied else ():
+        if not supplied:
+            continue
+        for path, node in _component_nodes(cfg, key):
             for arg in sorted(supplied & set(map(str, node.keys()))):
                 why = _SET_FROM.get(arg, "")
                 problems.append(f"{path}.{arg} is set by the recipe{' ' + why if why else ''}; remove it")
