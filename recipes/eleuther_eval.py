@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from torchft.config import instantiate, log_and_save_config, recipe_main
+from torchft.config import check_start, instantiate, log_and_save_config, recipe_main
 from torchft.eval import evaluate, task_manager_for
 from torchft.generation import load_model
 from torchft.training.precision import resolve_device, resolve_dtype
@@ -20,10 +20,10 @@ log = logging.getLogger("torchft")
 
 
 def main(cfg: DictConfig) -> None:
+    check_start(cfg)  # batch_size and output_dir, as `tune validate` reports them; nothing written yet
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tasks = list(cfg.tasks) if not isinstance(cfg.tasks, str) else [cfg.tasks]
-    log_and_save_config(cfg, cfg.output_dir)
 
     # Task names are checked before the (slow) model load; an unknown one lists close names.
     include_path = cfg.get("include_path")
@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
 
     tokenizer = instantiate(cfg.tokenizer)
     model = load_model(cfg.checkpoint_dir, adapter_dir=cfg.get("adapter_dir"), device=device, dtype=dtype)
+    log_and_save_config(cfg, cfg.output_dir)  # the model loaded: a run refused before writes nothing
 
     results = evaluate(
         model, tokenizer, tasks, limit=cfg.get("limit"), num_fewshot=cfg.get("num_fewshot"),

@@ -12,13 +12,14 @@ this or another world size. The file reads top to bottom: setup, loop, save.
 """
 import logging
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
-from torchft.config import instantiate, log_and_save_config, recipe_main
+from torchft.config import check_start, instantiate, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.modules.peft import get_adapter_params, set_trainable_params
 from torchft.training.activations import apply_activation_checkpointing
@@ -33,8 +34,8 @@ from torchft.training.loop import TrainingLoop
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.precision import resolve_dtype
 from torchft.training.rng import seed_everything
-from torchft.training.setup import (check_fresh_output_dir, check_output_dir_writable, check_positive,
-                                    check_same_architecture, check_tokenizer_fits, default_dtype, model_args_summary)
+from torchft.training.setup import (check_same_architecture, check_tokenizer_fits, default_dtype, model_args_summary,
+                                    start_writing)
 from torchft.training.steps import StepResult, total_training_steps
 from torchft.training.throughput import model_flops_per_token
 
@@ -46,24 +47,19 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: checks before any work
     env = init_distributed(cfg.device, timeout_minutes=cfg.get("timeout_minutes", 10),
                            replicas=cfg.get("replicas", 1), recipe=RECIPE)
-    for key in ("batch_size", "gradient_accumulation_steps"):
-        check_positive(key, cfg[key])
+    check_start(cfg)  # all a run refuses before any work, as `tune validate` reports it; nothing written yet
     local_batch = per_rank_batch_size(cfg.batch_size, env.world_size)
-    output_dir = check_output_dir_writable(cfg.output_dir)
+    output_dir = Path(cfg.output_dir)
     dtype = resolve_dtype(cfg.dtype, env.device)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)  # the same seed on every rank: the same fresh adapters everywhere
-    log_and_save_config(cfg, output_dir)
 
     # ------------------------------------------------------------------ setup: model
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
-    if env.is_main_process:  # rank 0 alone checks (and with overwrite_output_dir, clears) the output folder
-        check_fresh_output_dir(output_dir, resuming=resumed is not None,
-                               overwrite=cfg.get("overwrite_output_dir", False), log=log)
-        if cfg.get("base_model") is not None:  # the quickstart's tiny base model
-            instantiate(cfg.base_model)
+    if env.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
+        instantiate(cfg.base_model)
     dist.barrier()
     checkpointer = instantiate(cfg.checkpointer)
 
@@ -113,8 +109,6 @@ def main(cfg: DictConfig) -> None:
         step = restore_recipe_state(resumed, lr_scheduler, loader, cfg.batch_size)
         if env.is_main_process:
             log.info("resumed from %s at step %d", resume_dir, step)
-    metric_logger = instantiate(cfg.metric_logger) if env.is_main_process else MetricLogger()
-    metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))
 
     def save(step: int) -> str:
         state = recipe_state(step, lr_scheduler, loader, run, cfg.batch_size)
@@ -127,6 +121,7 @@ def main(cfg: DictConfig) -> None:
                                       max_grad_norm=cfg.get("clip_grad_norm"),
                                       offload_activations=cfg.get("enable_activation_offloading", False))
 
+    metric_logger = instantiate(cfg.metric_logger) if env.is_main_process else MetricLogger()
     loop = TrainingLoop(
         total_steps, save, metric_logger, env.device, start_step=step, gradient_accumulation_steps=accum,
         save_every_n_steps=cfg.save_every_n_steps, log_every_n_steps=cfg.get("log_every_n_steps", 1),
@@ -136,6 +131,9 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
         is_main_process=env.is_main_process, any_rank=partial(any_rank, group=env.cpu_group))
+    # every start check passed: the run writes from here on (the config, the overwritten run's deletion)
+    start_writing(cfg, output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
+                  resuming=resumed is not None, log=log, is_main_process=env.is_main_process)
     # After every start check: the step folders a resumed run abandons go aside (runs never mix).
     if resumed is not None and env.is_main_process:
         set_aside_later_steps(output_dir, step)

@@ -11,12 +11,13 @@ top to bottom: setup, loop, save.
 """
 import logging
 from functools import partial
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
-from torchft.config import instantiate, log_and_save_config, recipe_main
+from torchft.config import check_start, instantiate, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
 from torchft.training.checkpointing import adapter_state_dict_cpu
@@ -26,9 +27,8 @@ from torchft.training.loop import TrainingLoop
 from torchft.training.precision import resolve_device, resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.samples import print_samples
-from torchft.training.setup import (check_fresh_output_dir, check_output_dir_writable, check_positive,
-                                    check_same_architecture, check_tokenizer_fits, default_dtype,
-                                    load_adapter_model, model_args_summary)
+from torchft.training.setup import (check_same_architecture, check_tokenizer_fits, default_dtype,
+                                    load_adapter_model, model_args_summary, start_writing)
 from torchft.training.state import restore_training_state, training_state
 from torchft.training.steps import (StepResult, optimizer_step, total_training_steps,
                                     validation_loss)
@@ -39,15 +39,13 @@ log = logging.getLogger("torchft")
 
 def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: checks before any work
-    output_dir = check_output_dir_writable(cfg.output_dir)
-    for key in ("batch_size", "gradient_accumulation_steps"):
-        check_positive(key, cfg[key])
+    check_start(cfg)  # all a run refuses before any work, as `tune validate` reports it; nothing written yet
+    output_dir = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.get("cpu_threads"):  # intra-op threads of CPU runs (a tiny model is fastest on one)
         torch.set_num_threads(cfg.cpu_threads)
     seed_everything(cfg.seed)
-    log_and_save_config(cfg, output_dir)
 
     # ------------------------------------------------------------------ setup: model
     if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
@@ -55,8 +53,6 @@ def main(cfg: DictConfig) -> None:
     checkpointer = instantiate(cfg.checkpointer)
     resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
     resumed = load_training_state(resume_dir) if resume_dir is not None else None
-    check_fresh_output_dir(output_dir, resuming=resumed is not None, overwrite=cfg.get("overwrite_output_dir", False),
-                           log=log)
 
     with torch.device("meta"), default_dtype(dtype):
         model = instantiate(cfg.model)  # a lora_* / qlora_* builder: LoRA layers where the config asks
@@ -92,8 +88,6 @@ def main(cfg: DictConfig) -> None:
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
         log.info("resumed from %s at step %d", resume_dir, step)
-    metric_logger = instantiate(cfg.metric_logger)
-    metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))
 
     def save(step: int) -> str:
         path = checkpointer.save(
@@ -112,6 +106,7 @@ def main(cfg: DictConfig) -> None:
                               max_grad_norm=cfg.get("clip_grad_norm"),
                               offload_activations=cfg.get("enable_activation_offloading", False))
 
+    metric_logger = instantiate(cfg.metric_logger)
     loop = TrainingLoop(
         total_steps, save, metric_logger, device, start_step=step, gradient_accumulation_steps=accum,
         save_every_n_steps=cfg.save_every_n_steps, log_every_n_steps=cfg.get("log_every_n_steps", 1),
@@ -119,6 +114,9 @@ def main(cfg: DictConfig) -> None:
         validate=None if val_loader is None else partial(validation_loss, model, val_loader, loss_fn, device),
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
+    # every start check passed: the run writes from here on (the config, the overwritten run's deletion)
+    start_writing(cfg, output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
+                  resuming=resumed is not None, log=log)
     warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
     # After every start check: the step folders a resumed run abandons go aside (runs never mix).
     if resumed is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from torchft.config import instantiate, log_and_save_config, recipe_main
+from torchft.config import check_start, instantiate, log_and_save_config, recipe_main
 from torchft.eval import perplexity
 from torchft.generation import check_scheme, load_model, quantize_model, save_quantized, stored_bytes
 from torchft.training.precision import resolve_device, resolve_dtype
@@ -20,6 +20,7 @@ log = logging.getLogger("torchft")
 
 
 def main(cfg: DictConfig) -> None:
+    check_start(cfg)  # output_dir, as `tune validate` reports it
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     check_scheme(cfg.scheme, device)  # before the model load: say at once which device a scheme needs

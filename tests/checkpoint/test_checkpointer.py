@@ -171,7 +171,6 @@ def test_killed_save_leaves_only_a_hidden_temporary_folder(hf_dir, tmp_path):
 
 
 def test_adapter_is_saved_in_its_own_folder_next_to_the_weights(hf_dir, tmp_path):
-    pytest.importorskip("torchft.checkpoint.peft")
     base, _ = hf_dir
     ckpt = HFCheckpointer(base, tmp_path / "out")
     model = from_hf_config(base, lora_attn_modules=["q_proj", "v_proj"], lora_rank=4)

@@ -234,12 +234,13 @@ def test_validate_refuses_unknown_override_and_reports_yaml_line(tmp_path, tiny)
 
 def test_validate_checks_keys_against_the_recipe(tmp_path, shipped):
     recipe, config = shipped
-    result = tune("validate", config.name, "--skip-checkpoint")
+    out = f"output_dir={tmp_path / 'out'}"  # not what earlier runs left in the config's /tmp folder
+    result = tune("validate", config.name, "--skip-checkpoint", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"OK: {config.name} (keys checked against recipe {recipe.name})\n"
     mine = tmp_path / "mine.yaml"
     mine.write_text(config.path.read_text() + "max_stepz: 3\n")
-    result = tune("validate", mine, "--recipe", recipe.name, "--skip-checkpoint")
+    result = tune("validate", mine, "--recipe", recipe.name, "--skip-checkpoint", out)
     assert result.returncode == 1
     assert any(line.startswith("  max_stepz: unknown key for this recipe") for line in result.stderr.splitlines())
 
@@ -259,6 +260,38 @@ def test_validate_checks_the_checkpoint_architecture_and_names_the_way_out(tmp_p
     assert override == ["model=torchft.models.from_hf_config", f"+model.path_or_dict={folder}"]
     result = tune("validate", config, f"checkpointer.checkpoint_dir={folder}", *override)  # the way out works
     assert result.returncode == 0, result.stderr
+
+
+def test_validate_reports_what_the_run_would_refuse_at_start_all_at_once(tmp_path):
+    out = tmp_path / "out"
+    (out / "step_3").mkdir(parents=True)  # an earlier run's folder
+    config = "llama3_2/1B_lora_single_device"
+    result = tune("validate", config, "--skip-checkpoint", f"output_dir={out}", "max_steps=abc", "batch_size=0",
+                  "dataset.source=json", f"dataset.data_files={tmp_path / 'nope.jsonl'}",
+                  "validation_dataset={_component_: torchft.data.instruct_dataset, source: json}",
+                  "+lr_scheduler.num_training_steps=5", "+loss.compile=true")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"tune validate: {config}: 7 problems",
+        "  lr_scheduler.num_training_steps is set by the recipe from max_steps/epochs; remove it",
+        "  loss.compile is set by the recipe from the top-level compile; remove it",
+        "  batch_size (0) must be a positive integer",
+        "  max_steps (abc) must be a positive integer",
+        f"  dataset: data file not found: {tmp_path / 'nope.jsonl'}",
+        "  validation_dataset: source='json' reads local files: set data_files to a path",
+        f"  output_dir ({out}) already holds step_3 from an earlier run: continue it with "
+        "resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, or choose another "
+        "output_dir",
+    ]
+    # the same checks, one line, when the run starts (in-process: the recipe's main)
+    line = one_error_line(tune("run", "lora_finetune_single_device", "--config", config, f"output_dir={out}",
+                               "max_steps=abc", "+loss.compile=true"))
+    assert line == ("tune: error: loss.compile is set by the recipe from the top-level compile; remove it; "
+                    "max_steps (abc) must be a positive integer; "
+                    f"output_dir ({out}) already holds step_3 from an earlier run: continue it with "
+                    "resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, or choose "
+                    "another output_dir")
+    assert sorted(p.name for p in out.iterdir()) == ["step_3"]  # nothing written
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -298,6 +331,7 @@ def test_run_errors_inside_the_recipe_are_one_line(tiny):
                    tune("run", script, "--config", config, "fail=runtime", env={"TUNE_DEBUG": "1"})):
         assert result.returncode == 1
         assert "Traceback (most recent call last)" in result.stderr and 'raise RuntimeError("boom' in result.stderr
+        assert "_component_: collections.Counter" in result.stderr  # the whole config is logged with --debug
     # the script run directly behaves the same
     result = subprocess.run([sys.executable, script, "--config", config, "fail=value"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.splitlines()[-1] == f"{script.name}: error: batch_size (0) must be positive"

@@ -1,7 +1,6 @@
 """torchft.training.distributed and the launch checks: refusals before any work, per-rank memory,
 a lost or hanging rank ending the job."""
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -100,10 +99,8 @@ def _worker(tmp_path: Path, **settings):
     config = tmp_path / "worker.yaml"
     config.write_text("".join(f"{k}: {v}\n" for k, v in {"output_dir": tmp_path, "timeout_minutes": 1,
                                                           "die_rank": -1, "base": None, **settings}.items()))
-    start = time.monotonic()
-    result = subprocess.run([*TUNE, "run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--config",
-                             str(config)], capture_output=True, text=True, timeout=240)
-    return result, time.monotonic() - start
+    return subprocess.run([*TUNE, "run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--config",
+                           str(config)], capture_output=True, text=True, timeout=240)
 
 
 def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_then_a_lost_rank_ends_the_job(
@@ -111,7 +108,8 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
     # ~60 MB of fp32 weights: large enough that holding them all would stand out of the allocator's noise
     base = tiny_base_model(str(tmp_path / "base"), num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=4,
                            intermediate_dim=1536, vocab_size=1024)
-    result, seconds = _worker(tmp_path, mode="load", base=base, die_rank=1)
+    # rank 0's collectives would only time out after 30 minutes: what ends the job is rank 1's loss
+    result = _worker(tmp_path, mode="load", base=base, die_rank=1, timeout_minutes=30)
     ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
         assert abs(rank["local_bytes"] - rank["full_bytes"] / 2) < 0.01 * rank["full_bytes"]
@@ -120,7 +118,6 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
     # rank 1 was killed in the middle of a save while rank 0 waited for it: the job ends, non-zero, naming it
     assert result.returncode == 1, result.stderr[-2000:]
     assert "recipe process(es) failed (rank 1: exit code -9, killed by SIGKILL)" in result.stderr.splitlines()[-1]
-    assert seconds < 60
     # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it
     from torchft.checkpoint import latest_step_dir
 
@@ -131,8 +128,9 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
 
 
 def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
-    result, seconds = _worker(tmp_path, mode="hang", timeout_minutes=0.1)  # 6 s
+    result = _worker(tmp_path, mode="hang", timeout_minutes=0.1)  # 6 s
     assert result.returncode == 1, result.stderr[-2000:]
     # rank 0's collective timed out (the process group aborts it); rank 1 was stopped because of it
     assert "recipe process(es) failed (rank 0: exit code" in result.stderr.splitlines()[-1]
-    assert seconds < 60, seconds  # not the 30 minutes of the default process group
+    # and it was the configured 6 s timeout (gloo names it), not the 30 minutes of the default process group
+    assert "Timed out waiting 6000ms" in result.stderr, result.stderr[-2000:]

@@ -139,11 +139,15 @@ def test_resume_at_another_world_size_continues_the_run(lora_runs):
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused_before_any_work(lora_runs, base, data):
     used = lora_runs["dist"].parent  # holds out/step_2, out/step_4 and out/step_6
-    result = launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(used, base, *data))
+    saved = {name: (used / "out" / name).read_bytes() for name in ("torchft_config.yaml", "logs/config.json")}
+    result = launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                    tiny_overrides(used, base, *data, ["seed=7"]))
     assert result.returncode == 1
     assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue it with " \
            "resume_from_checkpoint=latest" in result.stderr
     assert (used / "out" / "step_4" / "distributed" / ".metadata").is_file()  # nothing saved is lost
+    # and nothing written: the finished run's saved config is still its own (seed 0, not the refused run's 7)
+    assert {name: (used / "out" / name).read_bytes() for name in saved} == saved
 
 
 def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):

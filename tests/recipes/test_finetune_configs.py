@@ -11,8 +11,8 @@ CONFIGS = [(recipe, config) for recipe, config in registry.all_configs()
 
 
 @pytest.mark.parametrize("recipe,config", CONFIGS, ids=[c.name for _, c in CONFIGS])
-def test_config_validates(recipe, config):
-    cfg = load_config(config.name)
+def test_config_validates(recipe, config, tmp_path):
+    cfg = load_config(config.name, [f"output_dir={tmp_path}"])  # not what earlier runs left in /tmp
     assert validate(cfg, accepted_keys=registry.accepted_keys(recipe), runtime_args=recipe.runtime_args) == []
     for key in ("output_dir", "checkpointer", "tokenizer", "dataset", "batch_size", "gradient_accumulation_steps",
                 "max_steps", "epochs", "save_every_n_steps", "resume_from_checkpoint", "device", "dtype", "seed",

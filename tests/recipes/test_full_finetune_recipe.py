@@ -11,7 +11,7 @@ from torchft.models import from_hf_config
 from torchft.training import steps
 from torchft.training.steps import NonFiniteLossError
 
-from ._finetune import restore_torch_threads, TINY, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+from ._finetune import restore_torch_threads, TINY, TINY_NF4, make_base, make_data, read_metrics, tiny_config, train_losses, val_losses
 
 
 _threads = pytest.fixture(autouse=True)(restore_torch_threads)
@@ -119,8 +119,23 @@ def test_unwritable_output_dir_is_refused_before_training(tmp_path, base):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cfg = tiny_config("full", tmp_path, base, [f"output_dir={blocker / 'out'}"])
-    with pytest.raises(PermissionError, match=r"output_dir \(.*a_file/out\) is not writable"):
+    with pytest.raises(ValueError, match=r"output_dir \(.*a_file/out\) is not writable: .*a_file is not a folder"):
         recipe.main(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["max_steps=-1"], r"^max_steps \(-1\) must be a positive integer$"),
+    (["max_steps=abc", "epochs=0"], r"^max_steps \(abc\) must be a positive integer; epochs \(0\) must be a number > 0$"),
+    (["checkpointer.checkpoint_dir=MISSING"], r"/missing: checkpoint folder does not exist"),
+    (["+lr_scheduler.num_training_steps=3", "+loss.compile=true"],
+     r"^lr_scheduler.num_training_steps is set by the recipe from max_steps/epochs; remove it; "
+     r"loss.compile is set by the recipe from the top-level compile; remove it$"),
+], ids=["negative_max_steps", "max_steps_not_a_number", "missing_checkpoint", "keys_the_recipe_sets"])
+def test_a_refused_start_names_the_key_and_leaves_nothing_behind(tmp_path, base, overrides, message):
+    overrides = [o.replace("MISSING", str(tmp_path / "missing")) for o in overrides]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        recipe.main(tiny_config("full", tmp_path, base, overrides))
+    assert not (tmp_path / "out").exists()  # not even an output_dir holding a config
 
 
 def test_checkpoint_of_another_architecture(tmp_path, base):
@@ -149,21 +164,21 @@ def test_config_key_typo_is_one_line_with_a_suggestion(tmp_path):
     assert not list(tmp_path.glob("step_*"))
 
 
-def test_a_run_logs_a_short_config_summary_not_the_whole_config(tmp_path):
-    # an error after the config is saved: it stays visible under a few lines, not under a screen of YAML
+def test_a_run_logs_a_short_config_summary_not_the_whole_config(tmp_path, base):
+    # an error after the config is saved (a loss that turns NaN): it stays visible under the two summary
+    # lines, not under a screen of YAML
+    train, _ = make_data(tmp_path)
+    out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
-         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
-         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
+         "quickstart/full_single_device", f"output_dir={out}", "~base_model", f"checkpointer.checkpoint_dir={base}",
+         f"dataset.data_files={train}", "~validation_dataset", "sample_prompts=null", "progress_bar=false",
+         "batch_size=4", "max_steps=3", "optimizer.lr=1e30"],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) <= 4, result.stderr
-    assert "missing" in lines[-1] and "error" in lines[-1]
-    assert f"output_dir={tmp_path}" in result.stderr and f"{tmp_path}/torchft_config.yaml" in result.stderr
-    assert "metric_logger:" in (tmp_path / "torchft_config.yaml").read_text()  # the whole config, on disk
-    debug = subprocess.run(
-        [sys.executable, "-m", "torchft.cli.main", "run", "full_finetune_single_device", "--config",
-         "quickstart/full_single_device", f"output_dir={tmp_path}", "~base_model",
-         f"checkpointer.checkpoint_dir={tmp_path / 'missing'}", "--debug"], capture_output=True, text=True, timeout=120)
-    assert "metric_logger:" in debug.stderr  # and in the log with --debug
+    summary = next(i for i, line in enumerate(lines) if "torchft: config: " in line)
+    assert f"output_dir={out}" in lines[summary]
+    assert lines[summary + 1:-1] == [f"  resolved config in {out}/torchft_config.yaml (printed in full with --debug)"]
+    assert lines[-1].startswith("tune: error: NonFiniteLossError: loss is nan at step 2")
+    assert "metric_logger:" in (out / "torchft_config.yaml").read_text()  # the whole config, on disk

@@ -268,11 +268,15 @@ def test_ctrl_c_through_tune_run_saves_then_exits_130(tmp_path, base):
 def test_a_fresh_run_into_a_used_output_dir_refuses_unless_overwritten(tmp_path, base):
     common = ["~validation_dataset", "save_every_n_steps=1"]
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common]))
-    with pytest.raises(FileExistsError, match=r"output_dir \(.*out\) already holds step_1, step_2 from an earlier run: "
-                                              r"continue it with resume_from_checkpoint=latest, delete its step "
-                                              r"folders with overwrite_output_dir=true, or choose another output_dir"):
-        recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", *common]))
+    saved = {name: (tmp_path / "out" / name).read_bytes() for name in ("torchft_config.yaml", "logs/config.json")}
+    with pytest.raises((ValueError, FileExistsError),
+                       match=r"output_dir \(.*out\) already holds step_1, step_2 from an earlier run: "
+                             r"continue it with resume_from_checkpoint=latest, delete its step "
+                             r"folders with overwrite_output_dir=true, or choose another output_dir"):
+        recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", "optimizer.lr=5e-3", *common]))
     assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_1", "step_2"]  # nothing lost
+    # and nothing written: the finished run's saved config is still its own
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in saved} == saved
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=1", "overwrite_output_dir=true", *common]))
     assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_1"]
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1]  # the earlier run's lines are gone too
@@ -332,9 +336,11 @@ def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base):
 def test_resume_past_the_last_step_is_refused(tmp_path, base):
     common = ["~validation_dataset", "save_every_n_steps=2"]
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
+    saved = (tmp_path / "out" / "torchft_config.yaml").read_text()
     with pytest.raises(ValueError, match=r"resume_from_checkpoint is at step 4, past this run's last step \(2, from "
                                          r"max_steps / epochs\): raise max_steps or resume an earlier step"):
         recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common, "resume_from_checkpoint=latest"]))
+    assert (tmp_path / "out" / "torchft_config.yaml").read_text() == saved  # the refused run wrote nothing
 
 
 def test_an_epoch_run_never_borrows_batches_from_the_next_epoch(tmp_path, base):

@@ -6,7 +6,9 @@ What is checked, all problems collected before returning:
 2. every ``_component_`` imports;
 3. its arguments bind to the component's signature: no unknown argument (with a did-you-mean), and no
    required argument left out, except the ones the recipe passes at call time (see ``RUNTIME_ARGS``);
-4. with ``accepted_keys`` (a recipe's top-level keys, see ``torchft.registry``): no unknown top-level key.
+4. with ``accepted_keys`` (a recipe's top-level keys, see ``torchft.registry``): no unknown top-level key;
+5. what the recipe would refuse at its start (``torchft.config._start``): keys the recipe sets itself,
+   batch sizes and the run's length, local data files, ``output_dir`` and the resume folder.
 
 Nothing is instantiated, so validating a 70B config costs only the imports. ``checkpoint_problems``
 (what ``tune validate`` adds) also looks at the checkpoint the config loads.
@@ -20,19 +22,7 @@ from omegaconf import DictConfig, ListConfig
 
 from torchft.config._instantiate import check_arguments, import_component, signature_of
 from torchft.config._load import COMPONENT_KEY, ConfigError, did_you_mean
-
-# Arguments a recipe supplies itself when it instantiates the node under that key, so a config does
-# not (and cannot) list them: ``instantiate(cfg.optimizer, model.parameters())``. The key is the node's
-# own name, or for a node inside a list the name of the list (``dataset: [{_component_: ...}, ...]``).
-# A key ending in ``_dataset`` (``validation_dataset``) is treated like ``dataset``. A recipe with other
-# call-time arguments declares them in its registry entry (``Recipe.runtime_args``).
-RUNTIME_ARGS: Mapping[str, frozenset[str]] = {
-    "optimizer": frozenset({"params"}),
-    "lr_scheduler": frozenset({"optimizer", "num_training_steps"}),
-    "dataset": frozenset({"tokenizer"}),
-    "collate_fn": frozenset({"batch"}),
-    "loss": frozenset(),
-}
+from torchft.config._start import runtime_args_for, start_problems, supplied_args
 
 
 def _walk(node: Any, path: str, owner: str):
@@ -73,9 +63,7 @@ def _component_problems(node: DictConfig, path: str, owner: str, runtime: Mappin
     sig = signature_of(fn)
     if sig is None:
         return []
-    supplied = set(runtime.get(owner, ()))
-    if owner.endswith("_dataset"):
-        supplied |= set(runtime.get("dataset", ()))
+    supplied = supplied_args(runtime, owner)
     for name, param in sig.parameters.items():
         required = param.default is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
         if required and name not in given and name not in supplied:
@@ -103,12 +91,10 @@ def validate(
     """Every problem in ``cfg``, one line each; an empty list means the config is valid.
 
     ``accepted_keys``: the top-level keys the recipe reads; other top-level keys are reported with a
-    did-you-mean. ``runtime_args``: extra ``{key: {argument, ...}}`` the recipe passes at call time,
+    did-you-mean. The recipe's start checks (``start_problems``) are included. ``runtime_args``: extra ``{key: {argument, ...}}`` the recipe passes at call time,
     added to ``RUNTIME_ARGS``.
     """
-    runtime: dict[str, set[str]] = {k: set(v) for k, v in RUNTIME_ARGS.items()}
-    for key, names in (runtime_args or {}).items():
-        runtime.setdefault(key, set()).update(names)
+    runtime = runtime_args_for(runtime_args)
     problems: list[str] = []
     if accepted_keys is not None:
         problems.extend(unknown_key_problems(cfg, accepted_keys))
@@ -120,7 +106,7 @@ def validate(
             problem = _leaf_problem(node, path)
             if problem:
                 problems.append(problem)
-    return problems
+    return problems + start_problems(cfg, runtime_args)
 
 
 def checkpoint_problems(cfg: DictConfig, *, compare_model: bool = True) -> list[str]:

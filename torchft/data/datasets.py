@@ -322,3 +322,8 @@ def text_completion_dataset(
 
     return _build(rows, source, tokenize_batch, max_seq_len, long_samples, packed, tokenizer, cache_dir,
                   with_labels=False)
+
+
+# The builders that hand ``source`` and ``data_files`` to ``load_rows`` as given: a recipe's start (and
+# ``tune validate``) checks those two arguments with ``local_source`` before anything is loaded.
+SOURCE_READERS = (instruct_dataset, alpaca_dataset, chat_dataset, text_completion_dataset)

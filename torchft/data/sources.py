@@ -91,6 +91,26 @@ def _is_jsonl(path: str) -> bool:
         return False
 
 
+def local_source(source: str, data_files=None) -> tuple[str | None, list[str]]:
+    """The ``datasets`` builder and the files of a local source, or ``(None, [])`` for a hub dataset name.
+
+    Raises (ValueError, FileNotFoundError) on what :func:`load_rows` would refuse before reading a row:
+    a local format without ``data_files``, a data file that does not exist, a path of an unknown type.
+    Nothing is read, so ``tune validate`` and a recipe's start run it too.
+    """
+    builder = LOCAL_BUILDERS.get(source)
+    if builder is None and data_files is None and isinstance(source, str) and os.path.exists(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in _EXTENSIONS:
+            raise ValueError(f"{source}: unknown file type {ext!r}; use one of {', '.join(sorted(_EXTENSIONS))}")
+        builder, data_files = _EXTENSIONS[ext], source
+    if builder is None:
+        return None, []
+    if data_files is None:
+        raise ValueError(f"source={source!r} reads local files: set data_files to a path")
+    return builder, _local_files(data_files)
+
+
 def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs):
     """Load a ``datasets.Dataset`` of rows.
 
@@ -108,19 +128,12 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs)
         if len(source) == 0:
             raise ValueError("dataset is empty (the datasets.Dataset passed as source has 0 rows)")
         return source
-    builder = LOCAL_BUILDERS.get(source)
-    if builder is None and data_files is None and os.path.exists(source):
-        ext = os.path.splitext(source)[1].lower()
-        if ext not in _EXTENSIONS:
-            raise ValueError(f"{source}: unknown file type {ext!r}; use one of {', '.join(sorted(_EXTENSIONS))}")
-        builder, data_files = _EXTENSIONS[ext], source
+    builder, files = local_source(source, data_files)
     if builder is not None:
-        if data_files is None:
-            raise ValueError(f"source={source!r} reads local files: set data_files to a path")
-        files = _local_files(data_files)
         if builder in _TEXT_BUILDERS:
             if not any([check_text_file(path) for path in files]):
-                raise ValueError(f"dataset {data_files} is empty (no rows in {', '.join(files)})")
+                raise ValueError(f"dataset {source if data_files is None else data_files} is empty "
+                                 f"(no rows in {', '.join(files)})")
         jsonl_files = [p for p in files if builder == "json" and _is_jsonl(p)]
         if not isinstance(data_files, dict):
             # Local files become the requested split (``train[:10%]`` slices the ``train`` split).

@@ -2,7 +2,6 @@
 import contextlib
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,22 +13,37 @@ _ARCHITECTURE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads",
                         "head_dim", "tie_word_embeddings", "attn_bias", "mlp_bias", "rope_base")
 
 
-def check_output_dir_writable(output_dir: str | os.PathLike) -> Path:
-    """Create ``output_dir`` if needed and prove it is writable, before any training time is spent."""
+def output_dir_problem(output_dir: str | os.PathLike) -> str | None:
+    """Why ``output_dir`` could not be written, or None. Nothing is created: a run refused at start
+    leaves no folder behind (the folder is made when the run first writes to it)."""
     path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(f"output_dir ({output_dir}) is not writable: {err.strerror or err}") from err
-    return path
+    existing = path
+    while not existing.exists():  # the deepest folder that exists: the new ones are made inside it
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"output_dir ({output_dir}) is not writable: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir ({output_dir}) is not writable: no write permission on {existing}"
+    return None
 
 
-def check_positive(name: str, value) -> None:
-    """``batch_size (0) must be a positive integer``."""
+def positive_int_problem(name: str, value) -> str | None:
+    """``batch_size (0) must be a positive integer``, or None."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} ({value}) must be a positive integer")
+        return f"{name} ({value}) must be a positive integer"
+    return None
+
+
+def run_length_problems(max_steps, epochs) -> list[str]:
+    """The run's length: ``max_steps`` a positive integer, ``epochs`` a number > 0, one of them set."""
+    problems = []
+    if max_steps is not None:
+        problems.append(positive_int_problem("max_steps", max_steps))
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0):
+        problems.append(f"epochs ({epochs}) must be a number > 0")
+    if max_steps is None and epochs is None:
+        problems.append("set max_steps or epochs (or both: the run stops at whichever comes first)")
+    return [problem for problem in problems if problem]
 
 
 def check_same_architecture(model_args, checkpoint_args, checkpoint_dir) -> None:
@@ -146,24 +160,50 @@ def model_args_summary(args) -> str:
                                                   "intermediate_dim", "vocab_size"))
 
 
-def check_fresh_output_dir(output_dir, resuming: bool, overwrite: bool, log) -> None:
+def fresh_output_dir_problem(output_dir, resuming: bool, overwrite: bool) -> str | None:
     """A fresh run must not share ``output_dir`` with an earlier run's step folders: ``keep_last_n``
     would prune the two runs' folders together and ``resume_from_checkpoint=latest`` could pick the
-    other run's. Refuse, naming the ways out; with ``overwrite`` the earlier folders are deleted first."""
+    other run's. The refusal names the ways out; ``overwrite`` lets the run delete them (see
+    :func:`delete_earlier_steps`, called once every start check has passed)."""
+    from torchft.checkpoint.checkpointer import step_dirs
+
+    earlier = [path for _, path in step_dirs(output_dir)]
+    if resuming or overwrite or not earlier:
+        return None
+    names = ", ".join(p.name for p in earlier[-3:])
+    return (f"output_dir ({output_dir}) already holds {names} from an earlier run: continue it with "
+            f"resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, "
+            f"or choose another output_dir")
+
+
+def delete_earlier_steps(output_dir, log) -> None:
+    """``overwrite_output_dir=true``: delete the step folders an earlier run left in ``output_dir``."""
     import shutil
 
     from torchft.checkpoint.checkpointer import step_dirs
 
     earlier = [path for _, path in step_dirs(output_dir)]
-    if resuming or not earlier:
+    if not earlier:
         return
-    if not overwrite:
-        names = ", ".join(p.name for p in earlier[-3:])
-        raise FileExistsError(
-            f"output_dir ({output_dir}) already holds {names} from an earlier run: continue it with "
-            f"resume_from_checkpoint=latest, delete its step folders with overwrite_output_dir=true, "
-            f"or choose another output_dir")
     log.warning("overwrite_output_dir=true: deleting %d step folder(s) of an earlier run in %s", len(earlier),
                 output_dir)
     for path in earlier:
         shutil.rmtree(path)
+
+
+def start_writing(cfg, output_dir, metric_logger, *, overwrite: bool, resuming: bool, log,
+                  is_main_process: bool = True) -> None:
+    """Called once every start check has passed, right before training: only now does the run write.
+
+    A fresh run with ``overwrite`` first deletes an earlier run's step folders (main process only); then
+    the resolved config goes to ``<output_dir>/torchft_config.yaml`` and to the metric logger. A run
+    refused before this point has changed nothing, not even the saved config of the run it met.
+    """
+    from omegaconf import OmegaConf
+
+    from torchft.config import log_and_save_config
+
+    if is_main_process and overwrite and not resuming:
+        delete_earlier_steps(output_dir, log)
+    log_and_save_config(cfg, output_dir)
+    metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))

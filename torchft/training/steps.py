@@ -17,6 +17,7 @@ from torchft.data.collate import count_target_tokens
 from torchft.modules.loss import IGNORE_INDEX, ChunkedCrossEntropy, output_params, shift_targets
 from torchft.training.activations import activation_offloading
 from torchft.training.optim import OptimizerInBackward, clip_grad_norm, nonfinite_flag, step_unless_nonfinite
+from torchft.training.setup import run_length_problems
 
 
 @dataclass
@@ -216,19 +217,13 @@ def total_training_steps(max_steps: int | None, epochs: float | None, batches_pe
     An epoch has ``ceil(batches_per_epoch / gradient_accumulation_steps)`` steps (its last one takes
     the remaining batches, see :func:`step_micro_batches`).
     """
-    candidates = []
-    if max_steps is not None:
-        check = int(max_steps)
-        if check < 1:
-            raise ValueError(f"max_steps ({max_steps}) must be a positive integer")
-        candidates.append(check)
+    problems = run_length_problems(max_steps, epochs)
+    if problems:
+        raise ValueError("; ".join(problems))
+    candidates = [] if max_steps is None else [max_steps]
     if epochs is not None:
-        if epochs <= 0:
-            raise ValueError(f"epochs ({epochs}) must be > 0")
         steps_per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
         candidates.append(max(1, math.ceil(epochs * steps_per_epoch)))
-    if not candidates:
-        raise ValueError("set max_steps or epochs (or both: the run stops at whichever comes first)")
     return min(candidates)
 
 
