@@ -57,8 +57,11 @@ _MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.a
 
 def _save_matmuls_only(ctx, op, *args, **kwargs):
     """Checkpoint policy: matmul outputs are never recomputed (a LoRA ``lora_a`` output is kept as
-    in eager); pointwise work (the SwiGLU product) is recomputed in backward."""
-    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+    in eager), nor random ops (a dropout mask drawn again would differ); the rest (the SwiGLU
+    product) is recomputed in backward."""
+    if op in _MATMULS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _traced_down_of_recomputed_product(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
