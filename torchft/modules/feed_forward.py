@@ -9,23 +9,21 @@ The values and gradients are those of the plain expression.
 
 Under ``torch.compile`` saved-tensor hooks cannot be traced, and the compiler's partitioner keeps
 the product (a matmul input in backward is never recomputed by its own rules). There the block
-runs ``down_proj(silu(gate) * up)`` as a selectively checkpointed region whose policy tells the
-partitioner to save matmul outputs and recompute the rest: the compiled layer stays one graph and
-keeps, as in eager, only the gate and up projections.
+runs ``down_proj(silu(gate) * up)`` through :func:`recompute_in_compiled_backward`, which tells the
+partitioner to recompute the product: the compiled layer stays one graph and keeps, as in eager,
+only the gate and up projections.
 
 For long sequences the block can also run in sequence tiles (``tile_tokens``): forward keeps only
 its input, and backward recomputes one tile at a time, so no ``[s, intermediate]`` tensor of the
 whole sequence ever exists.
 """
-from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from torchft.modules.recompute import can_recompute_when_saved, recompute_when_saved
+from torchft.modules.recompute import can_recompute_when_saved, recompute_in_compiled_backward, recompute_when_saved
 
 
 class _SiluMul(torch.autograd.Function):
@@ -49,29 +47,6 @@ class _SiluMul(torch.autograd.Function):
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
-
-
-_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-            torch.ops.aten.linear.default, torch.ops.aten._scaled_mm.default)
-
-
-def _save_matmuls_only(ctx, op, *args, **kwargs):
-    """Checkpoint policy: matmul outputs are never recomputed (a LoRA ``lora_a`` output is kept as
-    in eager), nor random ops (a dropout mask drawn again would differ); the rest (the SwiGLU
-    product) is recomputed in backward."""
-    if op in _MATMULS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _traced_down_of_recomputed_product(down_proj: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``down_proj(silu(gate) * up)`` for a compiled graph, the product recomputed in backward.
-
-    gate, up: [b, s, intermediate] -> [b, s, dim]. A region with only pointwise ops besides
-    matmuls: the compiled backward recomputes the product from gate and up, which it keeps anyway.
-    """
-    return checkpoint(lambda g, u: down_proj(F.silu(g) * u), gate, up, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls_only))
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -135,10 +110,14 @@ class FeedForward(nn.Module):
         if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product:
             return self.down_proj(F.silu(gate) * up)
         if torch.compiler.is_compiling():  # checked first: the hooks query below breaks a compiled graph
-            return _traced_down_of_recomputed_product(self.down_proj, gate, up)
+            return recompute_in_compiled_backward(self._down_of_product, gate, up)
         if not can_recompute_when_saved():
             return self.down_proj(F.silu(gate) * up)
         return self._down_of_recomputed_product(gate, up)
+
+    def _down_of_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # gate, up: [b, s, intermediate] -> [b, s, dim]
+        return self.down_proj(F.silu(gate) * up)
 
     @torch.compiler.disable  # saved-tensor hooks run eagerly (never reached while compiling)
     def _down_of_recomputed_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
