@@ -108,16 +108,16 @@ class FeedForward(nn.Module):
         # x: [b, s, dim] -> gate, up: [b, s, intermediate] -> [b, s, dim]
         gate, up = self.gate_proj(x), self.up_proj(x)
         if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product:
-            return self.down_proj(F.silu(gate) * up)
+            return self._down_of_product(gate, up)
         if torch.compiler.is_compiling():  # checked first: the hooks query below breaks a compiled graph
             return recompute_in_compiled_backward(self._down_of_product, gate, up)
         if not can_recompute_when_saved():
-            return self.down_proj(F.silu(gate) * up)
+            return self._down_of_product(gate, up)
         return self._down_of_recomputed_product(gate, up)
 
     def _down_of_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         # gate, up: [b, s, intermediate] -> [b, s, dim]
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(_silu_mul(gate, up))
 
     @torch.compiler.disable  # saved-tensor hooks run eagerly (never reached while compiling)
     def _down_of_recomputed_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
