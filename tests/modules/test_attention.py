@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch._dynamo.exc import BackendCompilerFailed
+
 from torchft.modules import attention
 from torchft.modules.attention import GroupedQueryAttention
 from torchft.modules.rope import RotaryEmbedding
@@ -13,7 +15,7 @@ from torchft.modules.rope import RotaryEmbedding
 
 def _attention_inputs(device="cpu", seq=128):
     torch.manual_seed(0)
-    dim, heads, kv_heads, head_dim = 32, 4, 2, 8
+    dim, heads, kv_heads, head_dim = 32, 4, 2, 16  # CUDA's flex kernel needs head_dim >= 16
     attn = GroupedQueryAttention(heads, kv_heads, head_dim, nn.Linear(dim, heads * head_dim),
                                  nn.Linear(dim, kv_heads * head_dim), nn.Linear(dim, kv_heads * head_dim),
                                  nn.Linear(heads * head_dim, dim)).to(device)
@@ -70,7 +72,7 @@ def test_falls_back_once_with_a_warning(monkeypatch, fresh_flex):
             return real_compile(fn, **kwargs)
 
         def run(*args, **kw):
-            raise RuntimeError("no C++ compiler found")
+            raise BackendCompilerFailed(run, RuntimeError("no C++ compiler found"), None)
         return run
 
     monkeypatch.setattr(torch, "compile", failing_compile)
@@ -83,11 +85,29 @@ def test_falls_back_once_with_a_warning(monkeypatch, fresh_flex):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("shape mismatch"),
+                                   BackendCompilerFailed(None, torch.OutOfMemoryError("CUDA out of memory"), None)])
+def test_errors_other_than_compile_failures_are_raised(monkeypatch, fresh_flex, error):
+    """Out of memory (also inside a compiler error) or a real error: raised, and no fallback is kept."""
+    attn, x, cos, sin, dense, block_mask = _attention_inputs()
+
+    def run(*args, **kw):
+        raise error
+
+    monkeypatch.setattr(attention, "_compiled_flex_attention", run)
+    with torch.no_grad(), warnings.catch_warnings(), pytest.raises(type(error)):
+        warnings.filterwarnings("error", message="flex_attention could not be compiled")
+        attn(x, cos, sin, mask=block_mask)
+    assert attention._compiled_flex_attention is run
+
+
 @pytest.mark.gpu
 def test_compiled_flex_matches_dense_mask_with_gradients(fresh_flex):
     attn, x, cos, sin, dense, block_mask = _attention_inputs("cuda", seq=256)
     x.requires_grad_(True)
-    out = attn(x, cos, sin, mask=block_mask)
+    with warnings.catch_warnings():  # the fused kernel itself, not the unfused fallback
+        warnings.filterwarnings("error", message="flex_attention could not be compiled")
+        out = attn(x, cos, sin, mask=block_mask)
     (grad,) = torch.autograd.grad(out.square().sum(), [x])
     expected = attn(x, cos, sin, mask=dense)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), [x])

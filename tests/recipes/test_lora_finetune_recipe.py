@@ -209,11 +209,15 @@ def test_packed_dataset_trains(tmp_path, base):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_compile_checkpointing_offloading(tmp_path, base):
+def test_cuda_bf16_compile_checkpointing_offloading(tmp_path, base, monkeypatch):
+    from torchft.training import activations
+
+    monkeypatch.setattr(activations, "OFFLOAD_MIN_BYTES", 1024)  # the tiny model's layer inputs are KiBs
     cfg = tiny_config("lora", tmp_path, base, ["max_steps=3", "device=cuda", "dtype=bf16", "compile=true",
                                                "enable_activation_checkpointing=true",
                                                "enable_activation_offloading=true", "loss.num_chunks=4"])
     recipe.main(cfg)
+    assert activations._offloaders[torch.device("cuda", 0)].offloaded_bytes > 0
     metrics = read_metrics(tmp_path / "out")
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert all(m["peak_memory_alloc_gib"] > 0 for m in metrics if "loss" in m)

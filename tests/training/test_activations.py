@@ -1,6 +1,7 @@
 """Activation offloading: only the checkpointed layer inputs move, gradients are unchanged, and the
 host RAM is checked before it is used."""
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -57,6 +58,62 @@ def test_offloading_checks_host_memory(monkeypatch):
     with pytest.raises(MemoryError, match="host RAM"):
         with activations.OffloadActivations("cpu", min_bytes=1024):
             model.hidden_states(torch.randint(0, 100, (2, 32)))
+
+
+class _CachingPinnedHost:
+    """Host RAM as CUDA's caching host allocator leaves it: a freed pinned buffer is not returned
+    (it stays locked, out of MemAvailable) but cached, and later buffers reuse it first."""
+
+    def __init__(self, ram_bytes: int):
+        self.free_ram, self.cached = ram_bytes, 0
+
+    def new_buffer(self, numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        reused = min(self.cached, nbytes)
+        self.cached -= reused
+        self.free_ram -= nbytes - reused
+        assert self.free_ram >= 0, "offloading allocated more than the host has"
+        buffer = torch.empty(numel, dtype=dtype)
+        weakref.finalize(buffer, self._free, nbytes)
+        return buffer
+
+    def _free(self, nbytes: int) -> None:
+        self.cached += nbytes
+
+
+def test_offloading_reuses_cached_pinned_buffers_from_the_second_step(monkeypatch):
+    """One forward's copies take 2/3 of the host RAM: every step fits, since the second step's
+    copies go into the buffers the first one freed (cached by the allocator, not in MemAvailable)."""
+    from torchft.training import activations
+
+    tokens = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(1))
+    model = _tiny_lora_model(checkpointing=True)
+    offloader = activations.OffloadActivations("cpu", min_bytes=1024)
+    with offloader:
+        model.hidden_states(tokens).sum().backward()
+    per_step = offloader.offloaded_bytes
+    assert per_step > 0
+
+    host = _CachingPinnedHost(ram_bytes=per_step * 3 // 2)
+    monkeypatch.setattr(activations, "new_host_buffer", host.new_buffer)
+    monkeypatch.setattr(activations, "available_host_bytes", lambda: host.free_ram)
+    monkeypatch.setattr(activations, "cached_pinned_host_bytes", lambda: host.cached)
+    for _ in range(3):
+        with offloader:
+            hidden = model.hidden_states(tokens)
+        hidden.sum().backward()
+        assert offloader.offloaded_bytes == per_step
+    assert host.free_ram == per_step // 2  # what the first step took, reused since
+
+
+@pytest.mark.parametrize("stats", [{"allocated_bytes.current": 5 << 20, "active_bytes.current": 2 << 20},
+                                   {"reserved_bytes.current": 5 << 20, "allocated_bytes.current": 2 << 20}])
+def test_cached_pinned_bytes_from_either_naming_of_the_host_allocator_stats(monkeypatch, stats):
+    from torchft.training.activations import cached_pinned_host_bytes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: stats)
+    assert cached_pinned_host_bytes() == 3 << 20
 
 
 def test_tiled_mlp_setting_keeps_the_step_equal_and_the_mlp_memory_per_tile():
@@ -139,17 +196,18 @@ def test_offloading_leaves_weights_and_their_views_alone():
 
 
 @pytest.mark.gpu
-def test_cuda_offloading_equals_no_offloading():
+def test_cuda_offloading_equals_no_offloading(monkeypatch):
     """The real thing: pinned host copies on a side stream, prefetched in backward."""
+    from torchft.training import activations
     from torchft.training.activations import activation_offloading
+
+    monkeypatch.setattr(activations, "OFFLOAD_MIN_BYTES", 1024)  # the tiny layer inputs: 32 KiB each
 
     tokens = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
     grads = []
     for offload in (False, True):
         model = _tiny_lora_model(checkpointing=True).cuda()
         context = activation_offloading(offload, "cuda")
-        if offload:
-            context.min_bytes = 1024
         with context:
             hidden = model.hidden_states(tokens)
         hidden.square().sum().backward()

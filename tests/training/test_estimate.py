@@ -127,12 +127,18 @@ def test_offloading_keeps_loss_and_gradients_and_moves_bytes_to_the_host():
 
 
 @pytest.mark.gpu
-def test_activation_offloading_option_keeps_loss_and_gradients_on_cuda():
+def test_activation_offloading_option_keeps_loss_and_gradients_on_cuda(monkeypatch):
+    from torchft.training import activations
+
+    monkeypatch.setattr(activations, "OFFLOAD_MIN_BYTES", 1024)  # the tiny model's tensors are KiBs
+
     def run(offload):
         model = build("cuda", TINY, dtype=torch.float32)
         tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        with activation_offloading(offload, "cuda"):
+        context = activation_offloading(offload, "cuda")
+        with context:
             hidden = model.hidden_states(tokens)
+        assert not offload or context.offloaded_bytes > 0
         loss, _ = ChunkedCrossEntropy(num_chunks=2)(hidden, shift_targets(tokens), model.output)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]

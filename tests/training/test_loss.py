@@ -141,3 +141,23 @@ def test_logits_memory_is_bounded_by_chunk_tokens():
             loss_sum.backward()
         largest.append(tracker.largest)
     assert largest[0] == largest[1] == chunk * vocab
+
+
+@pytest.mark.parametrize("chunking", [dict(chunk_tokens=8), dict(num_chunks=3)])
+def test_compiled_loss_compiles_at_most_twice_over_batch_lengths(monkeypatch, chunking):
+    """Every padded batch length gives another last-chunk (or chunk) size: one graph serves them all."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counter, **kwargs))
+    torch._dynamo.reset()
+    loss_fn, eager_fn = ChunkedCrossEntropy(compile=True, **chunking), ChunkedCrossEntropy(**chunking)
+    weight = nn.Parameter(torch.randn(40, 16) * 0.3)
+    for seq_len in (11, 13, 14, 20, 17):
+        hidden = torch.randn(1, seq_len, 16, requires_grad=True)
+        targets = torch.randint(0, 40, (1, seq_len))
+        got, _ = loss_fn(hidden, targets, lambda h: F.linear(h, weight), [weight])
+        want, _ = eager_fn(hidden, targets, lambda h: F.linear(h, weight), [weight])
+        torch.testing.assert_close(got, want)
+    assert 1 <= counter.frame_count <= 2
+    torch._dynamo.reset()

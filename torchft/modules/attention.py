@@ -24,12 +24,37 @@ AttentionMask = Union[torch.Tensor, "BlockMask", None]
 _compiled_flex_attention = None  # built on first use: compiling costs nothing until a BlockMask is seen
 
 
+def _compile_failure_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "could not be compiled" (dynamo's and inductor's; names vary by release)."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    found = [getattr(dynamo_exc, "TorchDynamoException", None)]  # BackendCompilerFailed, Unsupported, ...
+    found += [getattr(inductor_exc, name, None) for name in ("InductorError", "CppCompileError", "CUDACompileError")]
+    return tuple(t for t in found if t is not None)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it wraps, outermost first."""
+    chain = [err]
+    while (inner := getattr(chain[-1], "inner_exception", None) or chain[-1].__cause__) is not None:
+        chain.append(inner)
+    return chain
+
+
+def _is_compile_failure(err: BaseException) -> bool:
+    """A compiler failure, and not an out-of-memory error it wraps (that one must reach the caller)."""
+    return (isinstance(err, _compile_failure_types())
+            and not any(isinstance(e, torch.OutOfMemoryError) for e in _causes(err)))
+
+
 def fused_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "BlockMask",
                          enable_gqa: bool) -> torch.Tensor:
     """flex_attention as a fused kernel (compiled once per process, static shapes).
 
     Inside a compiled model it is traced with the model. Where it cannot be compiled (no C++
-    compiler for the CPU backend, an unsupported device) it warns once and runs unfused.
+    compiler for the CPU backend, an unsupported device) it warns once and runs unfused from then
+    on; any other error (out of memory included) is raised.
     q: [b, h, s, hd]; k, v: [b, kvh, kv_len, hd] -> [b, h, s, hd].
     """
     global _compiled_flex_attention
@@ -39,12 +64,13 @@ def fused_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     try:
         return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    except Exception as err:  # noqa: BLE001 - any compiler failure; the unfused call below re-raises real errors
-        if _compiled_flex_attention is flex_attention:
+    except Exception as err:  # noqa: BLE001 - only compiler failures are handled, the rest re-raised
+        if _compiled_flex_attention is flex_attention or not _is_compile_failure(err):
             raise
-        warnings.warn(f"flex_attention could not be compiled on {q.device.type} ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); running it unfused, which builds "
-                      "the [s, s] score matrix", stacklevel=2)
+        reason = _causes(err)[-1]
+        warnings.warn(f"flex_attention could not be compiled on {q.device.type} ({type(reason).__name__}: "
+                      f"{str(reason).splitlines()[0] if str(reason) else ''}); running it unfused from now on, "
+                      "which builds the [s, s] score matrix", stacklevel=2)
         _compiled_flex_attention = flex_attention
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 

@@ -7,6 +7,12 @@ the product that ``down_proj`` would save is swapped, while it is saved, for a r
 recomputes it from those same two tensors (a ``saved_tensors_hooks`` pair around ``down_proj``).
 The values and gradients are those of the plain expression.
 
+Under ``torch.compile`` saved-tensor hooks cannot be traced, and the compiler's partitioner keeps
+the product (a matmul input in backward is never recomputed by its own rules). There the block
+runs ``down_proj(silu(gate) * up)`` through :func:`recompute_in_compiled_backward`, which tells the
+partitioner to recompute the product: the compiled layer stays one graph and keeps, as in eager,
+only the gate and up projections.
+
 For long sequences the block can also run in sequence tiles (``tile_tokens``): forward keeps only
 its input, and backward recomputes one tile at a time, so no ``[s, intermediate]`` tensor of the
 whole sequence ever exists.
@@ -17,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchft.modules.recompute import can_recompute_when_saved, recompute_when_saved
+from torchft.modules.recompute import can_recompute_when_saved, recompute_in_compiled_backward, recompute_when_saved
 
 
 class _SiluMul(torch.autograd.Function):
@@ -101,12 +107,19 @@ class FeedForward(nn.Module):
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, s, dim] -> gate, up: [b, s, intermediate] -> [b, s, dim]
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if (not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product
-                or not can_recompute_when_saved()):
-            return self.down_proj(F.silu(gate) * up)
+        if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not self.recompute_product:
+            return self._down_of_product(gate, up)
+        if torch.compiler.is_compiling():  # checked first: the hooks query below breaks a compiled graph
+            return recompute_in_compiled_backward(self._down_of_product, gate, up)
+        if not can_recompute_when_saved():
+            return self._down_of_product(gate, up)
         return self._down_of_recomputed_product(gate, up)
 
-    @torch.compiler.disable  # saved-tensor hooks run eagerly (a compiled graph would store the product)
+    def _down_of_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # gate, up: [b, s, intermediate] -> [b, s, dim]
+        return self.down_proj(_silu_mul(gate, up))
+
+    @torch.compiler.disable  # saved-tensor hooks run eagerly (never reached while compiling)
     def _down_of_recomputed_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         product = _SiluMul.apply(gate, up)
         with recompute_when_saved(product, _silu_mul, gate, up):

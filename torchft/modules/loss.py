@@ -32,6 +32,25 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
 
 
+class _RowDynamicCE:
+    """A compiled ``_ce_sum`` whose row count is symbolic from the first call.
+
+    The last chunk of a batch has ``b * s mod chunk`` rows, which changes with every padded batch
+    length (and ``num_chunks`` changes every chunk's size): compiled for static shapes, each new
+    length would recompile, and the compiler falls back to eager after a few. With the rows marked
+    dynamic one graph serves every chunk of two rows or more (a one-row chunk gets its own graph).
+    """
+
+    def __init__(self, compiled: Callable[..., torch.Tensor]) -> None:
+        self.compiled = compiled
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        # logits: [n, vocab], targets: [n]; the vocabulary stays static
+        torch._dynamo.maybe_mark_dynamic(logits, 0)
+        torch._dynamo.maybe_mark_dynamic(targets, 0)
+        return self.compiled(logits, targets, ignore_index)
+
+
 class _FusedChunkedCE(torch.autograd.Function):
     """Loss and gradients computed chunk by chunk in forward; backward scales the saved gradients.
 
@@ -101,8 +120,7 @@ class ChunkedCrossEntropy:
         self.chunk_tokens = chunk_tokens
         self.num_chunks = num_chunks
         self.ignore_index = ignore_index
-        # Chunks have at most two shapes (full and last), so static-shape compilation suffices.
-        self._ce = torch.compile(_ce_sum, dynamic=False) if compile else _ce_sum
+        self._ce = _RowDynamicCE(torch.compile(_ce_sum)) if compile else _ce_sum
 
     def chunk_size(self, num_positions: int) -> int:
         """Positions per chunk for a batch of ``num_positions`` (b * s) positions."""

@@ -3,8 +3,14 @@
 Many activations are cheap functions of tensors autograd keeps anyway (a norm's output of its input,
 SwiGLU's product of the gate and up projections). Under :func:`recompute_when_saved` such a tensor
 is not kept: its sources are, and backward rebuilds it bit for bit.
+
+Saved-tensor hooks cannot be traced by ``torch.compile``; in a compiled graph the partitioner
+decides what is kept, and :func:`recompute_in_compiled_backward` tells it what to recompute.
 """
+from functools import partial
+
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 class _Recipe:
@@ -68,3 +74,25 @@ def recompute_when_saved(target: torch.Tensor, recompute, *sources: torch.Tensor
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.linear.default, torch.ops.aten._scaled_mm.default)
+
+
+def _keep_matmuls_and_random_ops(ctx, op, *args, **kwargs):
+    """Checkpoint policy: matmul outputs are never recomputed (a LoRA ``lora_a`` output is kept, as
+    in eager), nor random ops (a dropout mask drawn again would differ); the rest is recomputed."""
+    if op in _MATMULS or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_in_compiled_backward(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` inside a compiled graph, with what its backward needs besides matmul outputs
+    recomputed from ``args`` (kept anyway) instead of kept.
+
+    The partitioner never recomputes on its own a tensor that a backward matmul reads (SwiGLU's
+    product, which ``down_proj`` reads); a selective-checkpoint region marks those for
+    recomputation. Call it only while compiling: run eagerly, the region would recompute ``fn``.
+    """
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _keep_matmuls_and_random_ops))

@@ -73,9 +73,31 @@ def offload_host_bytes(num_layers: int, batch_size: int, seq_len: int, dim: int,
     return (num_layers + 1) * batch_size * seq_len * dim * torch.empty((), dtype=dtype).element_size()
 
 
-def check_host_memory(needed_bytes: int, what: str = "activation offloading") -> None:
-    """Raise a one-line ``MemoryError`` when ``needed_bytes`` exceed the available host RAM."""
-    available = available_host_bytes()
+def cached_pinned_host_bytes() -> int:
+    """Pinned host bytes that CUDA's caching host allocator holds free for reuse (0 without CUDA).
+
+    A freed pinned buffer stays allocated and locked (so it is not in ``MemAvailable``) until a later
+    pinned allocation reuses it: from the second step on, offloading mostly reuses these.
+    """
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return 0
+    stats = torch.cuda.host_memory_stats()
+    if "active_bytes.current" in stats:  # "allocated" = handed out + cached, "active" = handed out
+        return max(0, stats.get("allocated_bytes.current", 0) - stats["active_bytes.current"])
+    # older releases: "reserved" = handed out + cached, "allocated" = handed out
+    return max(0, stats.get("reserved_bytes.current", 0) - stats.get("allocated_bytes.current", 0))
+
+
+def new_host_buffer(numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A flat ``[numel]`` host tensor (pinned memory comes from CUDA's caching host allocator)."""
+    return torch.empty(numel, dtype=dtype, device="cpu", pin_memory=pinned)
+
+
+def check_host_memory(needed_bytes: int, what: str = "activation offloading",
+                      available: Optional[int] = None) -> None:
+    """Raise a one-line ``MemoryError`` when ``needed_bytes`` exceed ``available`` host bytes
+    (default: the available host RAM)."""
+    available = available_host_bytes() if available is None else available
     if needed_bytes > available:
         raise MemoryError(
             f"{what} needs {needed_bytes / 2**30:.1f} GiB of host RAM but {available / 2**30:.1f} GiB are "
@@ -102,7 +124,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     recomputed, so copies overlap compute instead of stalling it. Small tensors, integer tensors
     and parameters stay where they are; a storage saved several times is copied once. Before a new
     host buffer is allocated the available host RAM is checked (a clear ``MemoryError`` instead of
-    a swapping machine).
+    a swapping machine); freed pinned buffers that CUDA keeps cached for reuse count as available.
 
     Args:
         device: the training device; on a CPU "host copies" are plain copies (for tests).
@@ -139,9 +161,11 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def _offload(self, t: torch.Tensor) -> _Offloaded:
         storage = t.untyped_storage()
         whole = torch.empty(0, dtype=t.dtype, device=t.device).set_(storage)  # [storage elements], flat
-        if self.offloaded_bytes + storage.nbytes() > available_host_bytes():
-            check_host_memory(self.offloaded_bytes + storage.nbytes())
-        host = torch.empty(whole.shape, dtype=t.dtype, device="cpu", pin_memory=self.on_cuda)
+        # This forward may use what it holds already, free RAM, and the freed pinned buffers the
+        # allocator keeps for reuse (locked: not in MemAvailable, but free for this copy).
+        free = available_host_bytes() + cached_pinned_host_bytes()
+        check_host_memory(self.offloaded_bytes + storage.nbytes(), available=self.offloaded_bytes + free)
+        host = new_host_buffer(whole.numel(), t.dtype, pinned=self.on_cuda)
         copied = None
         if self.on_cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # t is computed
@@ -188,6 +212,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
 _offloaders: dict[torch.device, OffloadActivations] = {}
 
+# Storages smaller than this stay on the device (the copy is not worth it); read at every use, so a
+# changed value (tests of tiny models) applies to the per-device offloader that is kept.
+OFFLOAD_MIN_BYTES = 1 << 20
+
 
 def activation_offloading(enabled: bool, device: torch.device | str):
     """A context manager that keeps the large tensors saved for backward in pinned CPU memory
@@ -206,4 +234,5 @@ def activation_offloading(enabled: bool, device: torch.device | str):
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _offloaders:  # one side stream per device for the whole run
         _offloaders[device] = OffloadActivations(device)
+    _offloaders[device].min_bytes = OFFLOAD_MIN_BYTES
     return _offloaders[device]
