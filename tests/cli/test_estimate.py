@@ -46,9 +46,30 @@ def test_bad_memory_size_is_one_line_and_exit_1(config, capsys):
     assert err == "tune: error: memory size '24XB' is not understood; write e.g. 24GiB, 80GB or 40000000000"
 
 
-def test_distributed_estimate_is_per_rank(config, capsys):
-    single = json.loads(_run_json(config, capsys))
-    per_rank = json.loads(_run_json(config, capsys, "--nproc-per-node", "4"))
-    assert per_rank["settings"]["nproc_per_node"] == 4
+def test_distributed_estimate_is_per_rank_on_its_share_of_the_batch(config, capsys):
+    one_sample = json.loads(_run_json(config, capsys, "batch_size=1"))
+    per_rank = json.loads(_run_json(config, capsys, "batch_size=4", "--nproc-per-node", "4"))
+    assert per_rank["settings"]["nproc_per_node"] == 4 and per_rank["settings"]["batch_size_per_rank"] == 1
     assert per_rank["breakdown"]["all_gather_buffers"] > 0
-    assert per_rank["breakdown"]["saved_activations"] == single["breakdown"]["saved_activations"]
+    assert per_rank["breakdown"]["saved_activations"] == one_sample["breakdown"]["saved_activations"]
+    assert cli_main.main(["estimate", "--config", config, "batch_size=4", "--nproc-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4 (1 per rank) x 1024 tokens" in out
+    assert "per rank of 4 (cpu_offload off, fp32_reduce off)" in out
+
+
+def test_batch_not_divisible_by_the_ranks_is_one_line(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["estimate", "--config", config, "--nproc-per-node", "4"])  # batch_size 2
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("tune: error: batch_size (2) is the global batch and must be divisible by the world size (4); "
+                   "world sizes that work: 1, 2")
+
+
+def test_overhead_line_states_the_cublas_workspaces(config, capsys):
+    assert cli_main.main(["estimate", "--config", config, "batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "  cuBLAS workspaces" + " " * 15 + "0.06 GiB" in out
+    assert ("needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context; the peak includes "
+            "64 MiB of cuBLAS workspaces):") in out
