@@ -1,5 +1,8 @@
-"""`tune estimate`: the text report, the --json object, the fit advice and one-line errors."""
+"""`tune estimate`: the text report, the --json object, the fit advice, one-line errors and the figures
+docs/cli.md quotes."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +76,41 @@ def test_overhead_line_states_the_cublas_workspaces(config, capsys):
     assert "  cuBLAS workspaces" + " " * 15 + "0.06 GiB" in out
     assert ("needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context; the peak includes "
             "64 MiB of cuBLAS workspaces):") in out
+
+
+# The figures docs/cli.md quotes are printed to 2 decimals: each must be within 0.01 GiB of a fresh estimate.
+DOCS_TOLERANCE_GIB = 0.01
+
+
+def _quoted_runs(page: Path):
+    """(config, overrides, {what: GiB}) for every `$ tune estimate` in the page's `tune estimate` example."""
+    block = re.search(r"## Will it fit\? `tune estimate`\n+```text\n(.*?)```", page.read_text(), re.S).group(1)
+    for command in re.split(r"^\$ ", block, flags=re.M)[1:]:
+        line, *output = command.splitlines()
+        words = line.split()[3:]  # after "tune estimate --config"
+        config, overrides = words[0], [w for w in words[1:] if "=" in w]
+        text = "\n".join(output)
+        figures = {}
+        if peak := re.search(r"^peak GPU memory \(allocated\): ([\d.]+) GiB", text, re.M):
+            figures["peak"] = float(peak.group(1))
+            figures["needed"] = float(re.search(r"^needed with allocator overhead.*: ([\d.]+) GiB", text, re.M).group(1))
+            for label, kind in (("weights", "weights"), ("NF4 base weights", "nf4_base")):
+                if quoted := re.search(rf"^  {label} +([\d.]+) GiB", text, re.M):
+                    figures[kind] = float(quoted.group(1))
+        if fix := re.search(r"fits with: (.*) \(peak ([\d.]+) GiB, needed ([\d.]+) GiB\)", text):
+            overrides += fix.group(1).split()
+            figures.update(peak=float(fix.group(2)), needed=float(fix.group(3)))
+        if figures:
+            yield config, overrides, figures
+
+
+def test_cli_page_quotes_what_estimate_gives():
+    from torchft.training.estimate import GIB, estimate_memory
+
+    runs = list(_quoted_runs(Path(__file__).resolve().parents[2] / "docs" / "cli.md"))
+    assert len(runs) == 2  # the QLoRA 8B report and the 1B LoRA advice
+    for config, overrides, figures in runs:
+        estimate = estimate_memory(config, overrides)
+        actual = {"peak": estimate.peak_bytes, "needed": estimate.needed_bytes, **estimate.breakdown}
+        for what, quoted in figures.items():
+            assert abs(actual[what] / GIB - quoted) <= DOCS_TOLERANCE_GIB, (config, overrides, what, quoted)
