@@ -55,10 +55,12 @@ def test_distributed_estimate_is_per_rank_on_its_share_of_the_batch(config, caps
     assert per_rank["settings"]["nproc_per_node"] == 4 and per_rank["settings"]["batch_size_per_rank"] == 1
     assert per_rank["breakdown"]["all_gather_buffers"] > 0
     assert per_rank["breakdown"]["saved_activations"] == one_sample["breakdown"]["saved_activations"]
-    assert cli_main.main(["estimate", "--config", config, "batch_size=4", "--nproc-per-node", "4"]) == 0
+    assert cli_main.main(["estimate", "--config", config, "batch_size=4", "+cpu_offload=true", "+fp32_reduce=true",
+                          "--nproc-per-node", "4"]) == 0
     out = capsys.readouterr().out
     assert "batch 4 (1 per rank) x 1024 tokens" in out
-    assert "per rank of 4 (cpu_offload off, fp32_reduce off)" in out
+    assert "per rank of 4 (cpu_offload on, fp32_reduce on)" in out
+    assert "host (pinned CPU) memory for offloaded activations and the cpu_offload state:" in out
 
 
 def test_batch_not_divisible_by_the_ranks_is_one_line(config, capsys):

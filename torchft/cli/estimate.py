@@ -100,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     for kind, nbytes in estimate.breakdown.items():
         print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}")
     if estimate.host_bytes:
-        print(f"host (pinned CPU) memory for offloaded activations: {_gib(estimate.host_bytes)}")
+        what = "offloaded activations and the cpu_offload state" if s.get("cpu_offload") else "offloaded activations"
+        print(f"host (pinned CPU) memory for {what}: {_gib(estimate.host_bytes)}")
     print(f"needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context; the peak includes "
           f"{CUBLAS_WORKSPACE_BYTES // 2**20} MiB of cuBLAS workspaces): {_gib(estimate.needed_bytes)}")
     if gpu_bytes is not None:

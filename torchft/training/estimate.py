@@ -52,7 +52,8 @@ class MemoryEstimate:
     ``peak_bytes``: live device bytes at the peak (what ``torch.cuda.max_memory_allocated`` reports);
     ``breakdown``: those bytes by kind (:data:`~torchft.training.estimate_tracking.KINDS`, plus
     ``cublas_workspaces`` and, per rank of FSDP2, ``all_gather_buffers`` and ``reduce_scatter_buffers``);
-    ``host_bytes``: peak host (pinned CPU) bytes of offloaded activations; ``settings``: what was estimated.
+    ``host_bytes``: peak host (pinned CPU) bytes of offloaded activations, plus the sharded state a
+    ``cpu_offload`` FSDP2 rank keeps in CPU memory; ``settings``: what was estimated.
     """
 
     peak_bytes: int
