@@ -1,5 +1,8 @@
-"""`tune estimate`: the text report, the --json object, the fit advice and one-line errors."""
+"""`tune estimate`: the text report, the --json object, the fit advice, one-line errors and the figures
+the docs quote."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -46,9 +49,83 @@ def test_bad_memory_size_is_one_line_and_exit_1(config, capsys):
     assert err == "tune: error: memory size '24XB' is not understood; write e.g. 24GiB, 80GB or 40000000000"
 
 
-def test_distributed_estimate_is_per_rank(config, capsys):
-    single = json.loads(_run_json(config, capsys))
-    per_rank = json.loads(_run_json(config, capsys, "--nproc-per-node", "4"))
-    assert per_rank["settings"]["nproc_per_node"] == 4
+def test_distributed_estimate_is_per_rank_on_its_share_of_the_batch(config, capsys):
+    one_sample = json.loads(_run_json(config, capsys, "batch_size=1"))
+    per_rank = json.loads(_run_json(config, capsys, "batch_size=4", "--nproc-per-node", "4"))
+    assert per_rank["settings"]["nproc_per_node"] == 4 and per_rank["settings"]["batch_size_per_rank"] == 1
     assert per_rank["breakdown"]["all_gather_buffers"] > 0
-    assert per_rank["breakdown"]["saved_activations"] == single["breakdown"]["saved_activations"]
+    assert per_rank["breakdown"]["saved_activations"] == one_sample["breakdown"]["saved_activations"]
+    assert cli_main.main(["estimate", "--config", config, "batch_size=4", "+cpu_offload=true", "+fp32_reduce=true",
+                          "--nproc-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4 (1 per rank) x 1024 tokens" in out
+    assert "per rank of 4 (cpu_offload on, fp32_reduce on)" in out
+    assert "host (pinned CPU) memory for offloaded activations and the cpu_offload state:" in out
+
+
+def test_batch_not_divisible_by_the_ranks_is_one_line(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main(["estimate", "--config", config, "--nproc-per-node", "4"])  # batch_size 2
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("tune: error: batch_size (2) is the global batch and must be divisible by the world size (4); "
+                   "world sizes that work: 1, 2")
+
+
+def test_overhead_line_states_the_cublas_workspaces(config, capsys):
+    assert cli_main.main(["estimate", "--config", config, "batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "  cuBLAS workspaces" + " " * 15 + "0.06 GiB" in out
+    assert ("needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context; the peak includes "
+            "64 MiB of cuBLAS workspaces):") in out
+
+
+# docs/cli.md prints GiB to 2 decimals, the shipped-config table of docs/finetuning.md to 1: each figure
+# must be a fresh estimate rounded, within half a unit of its last digit (plus 0.001 for float noise).
+DOCS_TOLERANCE_GIB = 0.006
+TABLE_TOLERANCE_GIB = 0.051
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _quoted_runs(page: Path):
+    """(config, overrides, {what: GiB}) for every `$ tune estimate` in the page's `tune estimate` example."""
+    block = re.search(r"## Will it fit\? `tune estimate`\n+```text\n(.*?)```", page.read_text(), re.S).group(1)
+    for command in re.split(r"^\$ ", block, flags=re.M)[1:]:
+        line, *output = command.splitlines()
+        words = line.split()[3:]  # after "tune estimate --config"
+        config, overrides = words[0], [w for w in words[1:] if "=" in w]
+        text = "\n".join(output)
+        figures = {}
+        if peak := re.search(r"^peak GPU memory \(allocated\): ([\d.]+) GiB", text, re.M):
+            figures["peak"] = float(peak.group(1))
+            figures["needed"] = float(re.search(r"^needed with allocator overhead.*: ([\d.]+) GiB", text, re.M).group(1))
+            for label, kind in (("weights", "weights"), ("NF4 base weights", "nf4_base")):
+                if quoted := re.search(rf"^  {label} +([\d.]+) GiB", text, re.M):
+                    figures[kind] = float(quoted.group(1))
+        if fix := re.search(r"fits with: (.*) \(peak ([\d.]+) GiB, needed ([\d.]+) GiB\)", text):
+            overrides += fix.group(1).split()
+            figures.update(peak=float(fix.group(2)), needed=float(fix.group(3)))
+        if figures:
+            yield config, overrides, figures
+
+
+def _table_row(config: str) -> dict[str, float]:
+    """peak and needed of ``config``'s row in docs/finetuning.md's table of shipped configs."""
+    row = re.search(rf"^\| `{re.escape(config)}` \| [^|]+ \| [^|]+ \| ([\d.]+) \| ([\d.]+) \|",
+                    (DOCS / "finetuning.md").read_text(), re.M)
+    return {"peak": float(row.group(1)), "needed": float(row.group(2))}
+
+
+def test_docs_quote_what_estimate_gives():
+    from torchft.training.estimate import GIB, estimate_memory
+
+    runs = list(_quoted_runs(DOCS / "cli.md"))
+    assert len(runs) == 2  # the QLoRA 8B report and the 1B LoRA advice
+    for config, overrides, figures in runs:
+        estimate = estimate_memory(config, overrides)
+        actual = {"peak": estimate.peak_bytes, "needed": estimate.needed_bytes, **estimate.breakdown}
+        for what, quoted in figures.items():
+            assert abs(actual[what] / GIB - quoted) <= DOCS_TOLERANCE_GIB, (config, overrides, what, quoted)
+        if not overrides:  # the same config's row in the table of shipped configs
+            for what, quoted in _table_row(config).items():
+                assert abs(actual[what] / GIB - quoted) <= TABLE_TOLERANCE_GIB, (config, what, quoted)

@@ -16,9 +16,11 @@ examples:
 
 One training step of the config's model, loss and optimizer runs on meta tensors (no GPU, no weights;
 dimensions from the model builder or the checkpoint folder's config.json), every sample max_seq_len
-tokens long. The peak is what torch.cuda.max_memory_allocated would report; "needed" adds the
-allocator overhead assumed (5% fragmentation + 0.75 GiB CUDA context). With --gpu-memory, a config
-that does not fit gets the cheapest settings that make it fit.
+tokens long. The peak is what torch.cuda.max_memory_allocated would report (the 64 MiB of cuBLAS
+workspaces included); "needed" adds the allocator overhead assumed (5% fragmentation + 0.75 GiB CUDA
+context). With --nproc-per-node N, batch_size is the global batch (each rank runs batch_size / N) and
+the config's cpu_offload and fp32_reduce apply. With --gpu-memory, a config that does not fit gets the
+cheapest settings that make it fit.
 """
 
 KIND_LABELS = {
@@ -31,6 +33,8 @@ KIND_LABELS = {
     "temporaries": "temporaries",
     "loss_chunks": "loss chunks",
     "all_gather_buffers": "FSDP all-gather buffers",
+    "reduce_scatter_buffers": "FSDP reduce-scatter buffers",
+    "cublas_workspaces": "cuBLAS workspaces",
 }
 
 
@@ -55,8 +59,24 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _batch(settings: dict) -> str:
+    per_rank = settings.get("batch_size_per_rank")
+    return f"batch {settings['batch_size']}" + (f" ({per_rank} per rank)" if per_rank is not None else "")
+
+
+def _ranks(settings: dict) -> str:
+    if settings.get("nproc_per_node", 1) == 1:
+        return ""
+    return (f", per rank of {settings['nproc_per_node']} (cpu_offload {_on(settings['cpu_offload'])}, "
+            f"fp32_reduce {_on(settings['fp32_reduce'])})")
+
+
 def main(args: argparse.Namespace) -> int:
-    from torchft.training.estimate import estimate_memory, parse_memory_size, ways_to_fit
+    from torchft.training.estimate import CUBLAS_WORKSPACE_BYTES, estimate_memory, parse_memory_size, ways_to_fit
 
     gpu_bytes = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
     estimate = estimate_memory(args.config, args.overrides, nproc_per_node=args.nproc_per_node)
@@ -73,16 +93,17 @@ def main(args: argparse.Namespace) -> int:
     found = registry.find_config(args.config)
     if found and found[0].name.endswith("_distributed") and args.nproc_per_node == 1:
         print(f"note: {args.config} runs under torchrun; pass --nproc-per-node N for the per-rank estimate")
-    ranks = f", per rank of {s['nproc_per_node']}" if s.get("nproc_per_node", 1) > 1 else ""
-    print(f"{args.config}: batch {s['batch_size']} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
-          f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, "
-          f"offloading {'on' if s['activation_offloading'] else 'off'}{ranks}")
+    print(f"{args.config}: {_batch(s)} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
+          f"activation checkpointing {_on(s['activation_checkpointing'])}, "
+          f"offloading {_on(s['activation_offloading'])}{_ranks(s)}")
     print(f"peak GPU memory (allocated): {_gib(estimate.peak_bytes)}")
     for kind, nbytes in estimate.breakdown.items():
-        print(f"  {KIND_LABELS.get(kind, kind):<24}{_gib(nbytes):>12}")
+        print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}")
     if estimate.host_bytes:
-        print(f"host (pinned CPU) memory for offloaded activations: {_gib(estimate.host_bytes)}")
-    print(f"needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context): {_gib(estimate.needed_bytes)}")
+        what = "offloaded activations and the cpu_offload state" if s.get("cpu_offload") else "offloaded activations"
+        print(f"host (pinned CPU) memory for {what}: {_gib(estimate.host_bytes)}")
+    print(f"needed with allocator overhead (+5% fragmentation, +0.75 GiB CUDA context; the peak includes "
+          f"{CUBLAS_WORKSPACE_BYTES // 2**20} MiB of cuBLAS workspaces): {_gib(estimate.needed_bytes)}")
     if gpu_bytes is not None:
         if estimate.fits(gpu_bytes):
             print(f"fits in {_gib(gpu_bytes)}")

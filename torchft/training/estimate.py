@@ -9,9 +9,10 @@ the live bytes of every tensor by kind; the largest total is the predicted peak 
 alive), each of ``min(gradient_accumulation_steps, 2)`` micro-batches (the second with gradients
 alive), every sample ``max_seq_len`` tokens long and every position a target: the worst case.
 
-The allocator's overhead on top (fragmentation, the CUDA context and kernel workspaces) is not
-tracked; ``needed_bytes`` adds :data:`FRAGMENTATION` and :data:`CUDA_CONTEXT_BYTES` to decide
-whether a config fits.
+The cuBLAS workspaces a CUDA run allocates through the caching allocator are added to the peak
+(:data:`CUBLAS_WORKSPACE_BYTES`, kind ``cublas_workspaces``). The allocator's overhead on top
+(fragmentation, the CUDA context) is not tracked; ``needed_bytes`` adds :data:`FRAGMENTATION` and
+:data:`CUDA_CONTEXT_BYTES` to decide whether a config fits.
 
     from torchft.training.estimate import estimate_memory
     estimate = estimate_memory("llama3_2/1B_lora_single_device", ["batch_size=8"])
@@ -34,8 +35,12 @@ from torchft.training.estimate_tracking import KINDS, FusedKernels, MemoryTracke
 GIB = 2**30
 # Reserved beyond allocated bytes in the caching allocator (blocks split and not reused), assumed.
 FRAGMENTATION = 0.05
-# The CUDA context, cuBLAS/cuDNN workspaces and the NCCL buffers: present, never allocated by torch.
+# The CUDA context, cuDNN and the NCCL buffers: present, never allocated by torch's caching allocator.
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
+# cuBLAS workspaces, allocated through the caching allocator (so in max_memory_allocated): 32 MiB per
+# handle on Hopper (torch's default CUBLAS_WORKSPACE_CONFIG there, :4096:8; older GPUs take 8 MiB, so
+# this is the larger case), one handle per thread: the forward's and the autograd engine's backward thread.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
 
 log = logging.getLogger("torchft")
 
@@ -45,8 +50,10 @@ class MemoryEstimate:
     """Predicted memory of one training step.
 
     ``peak_bytes``: live device bytes at the peak (what ``torch.cuda.max_memory_allocated`` reports);
-    ``breakdown``: those bytes by kind (:data:`~torchft.training.estimate_tracking.KINDS`);
-    ``host_bytes``: peak host (pinned CPU) bytes of offloaded activations; ``settings``: what was estimated.
+    ``breakdown``: those bytes by kind (:data:`~torchft.training.estimate_tracking.KINDS`, plus
+    ``cublas_workspaces`` and, per rank of FSDP2, ``all_gather_buffers`` and ``reduce_scatter_buffers``);
+    ``host_bytes``: peak host (pinned CPU) bytes of offloaded activations, plus the sharded state a
+    ``cpu_offload`` FSDP2 rank keeps in CPU memory; ``settings``: what was estimated.
     """
 
     peak_bytes: int
@@ -80,7 +87,8 @@ class MemoryEstimate:
             "gpu_gib": None if gpu_bytes is None else round(gpu_bytes / GIB, 3),
             "breakdown": {kind: round(nbytes / GIB, 6) for kind, nbytes in self.breakdown.items()},
             "settings": dict(self.settings),
-            "allocator_overhead": {"fragmentation": FRAGMENTATION, "cuda_context_gib": CUDA_CONTEXT_BYTES / GIB},
+            "allocator_overhead": {"fragmentation": FRAGMENTATION, "cuda_context_gib": CUDA_CONTEXT_BYTES / GIB,
+                                   "cublas_workspaces_gib_in_peak": CUBLAS_WORKSPACE_BYTES / GIB},
         }
 
 
@@ -213,15 +221,19 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
     """Predicted peak memory per GPU of a fine-tuning config (shipped name, YAML path or DictConfig).
 
     ``overrides``: ``key=value`` strings as on the command line. ``nproc_per_node`` > 1 gives the
-    per-rank peak of a distributed run (see :func:`fsdp_per_rank`).
+    per-rank peak of a distributed run: ``batch_size`` is then the global batch, each rank runs
+    ``batch_size / nproc_per_node`` samples, and the config's ``cpu_offload`` and ``fp32_reduce``
+    apply (see :func:`fsdp_per_rank`). The peak includes the cuBLAS workspaces of a CUDA run.
     """
     from torchft.config import instantiate
+    from torchft.training.distributed import per_rank_batch_size
     from torchft.training.optim import OptimizerInBackward
     from torchft.training.precision import resolve_dtype
 
     cfg = _config_with(config, overrides)
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node ({nproc_per_node}) must be >= 1")
+    local_batch = per_rank_batch_size(int(cfg.batch_size), nproc_per_node)
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), "cpu")
     model = _build_meta_model(cfg.model, dtype)
 
@@ -231,60 +243,76 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
     else:
         make_optimizer = lambda params: instantiate(cfg.optimizer, params)  # noqa: E731
     estimate = estimate_step(
-        model, batch_size=int(cfg.batch_size), seq_len=_sequence_length(cfg),
+        model, batch_size=local_batch, seq_len=_sequence_length(cfg),
         loss_fn=instantiate(cfg.loss, compile=False), make_optimizer=make_optimizer,
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         offload_activations=bool(cfg.get("enable_activation_offloading", False)),
         gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
         max_grad_norm=cfg.get("clip_grad_norm"))
-    estimate.settings["model"] = cfg.model._component_
+    estimate.settings.update(model=cfg.model._component_, batch_size=int(cfg.batch_size))
     if nproc_per_node > 1:
-        estimate = fsdp_per_rank(estimate, model, nproc_per_node)
-    return estimate
+        estimate.settings["batch_size_per_rank"] = local_batch
+        estimate = fsdp_per_rank(estimate, model, nproc_per_node, cpu_offload=bool(cfg.get("cpu_offload", False)),
+                                 reduce_dtype=torch.float32 if cfg.get("fp32_reduce", False) else None)
+    return with_cublas_workspaces(estimate)
+
+
+def with_cublas_workspaces(estimate: MemoryEstimate) -> MemoryEstimate:
+    """``estimate`` with the cuBLAS workspaces of a CUDA run added to its peak (kind ``cublas_workspaces``)."""
+    breakdown = {**estimate.breakdown, "cublas_workspaces": CUBLAS_WORKSPACE_BYTES}
+    return dataclasses.replace(estimate, peak_bytes=estimate.peak_bytes + CUBLAS_WORKSPACE_BYTES, breakdown=breakdown)
 
 
 # ---- distributed --------------------------------------------------------------------------------
 _SHARDED_KINDS = ("weights", "nf4_base", "adapters", "gradients", "optimizer_states")
 
 
-def fsdp_per_rank(estimate: MemoryEstimate, model: nn.Module, world_size: int) -> MemoryEstimate:
-    """Per-rank peak under FSDP2 (``fully_shard`` per decoder layer + root) on ``world_size`` ranks.
+def fsdp_per_rank(estimate: MemoryEstimate, model: nn.Module, world_size: int, *, cpu_offload: bool = False,
+                  reduce_dtype: torch.dtype | None = None) -> MemoryEstimate:
+    """Per-rank peak under FSDP2 (``fully_shard`` per decoder layer + root) on ``world_size`` ranks,
+    from ``estimate``: one rank's step, already taken with its share of the batch.
 
-    Parameters, gradients and optimizer states are split ``world_size`` ways; each rank still runs
-    its own batch, so activations do not shrink. On top: the root's parameters (embedding, final
-    norm, output) unsharded for the whole step, and two decoder layers unsharded at a time (the one
-    computing and the next one being all-gathered), plus one layer's gradients before their
-    reduce-scatter.
+    Parameters, gradients and optimizer states are split ``world_size`` ways (with ``cpu_offload``
+    they live in host memory instead); activations are those of the rank's own batch. On top: the
+    root's parameters (embedding, final norm, output) unsharded for the whole step, two decoder
+    layers unsharded at a time (the one computing and the next one being all-gathered), and one
+    layer's gradients before their reduce-scatter, beside the reduce-scatter's copy of them in
+    ``reduce_dtype`` (fp32 with ``fp32_reduce``; None: the gradients' own dtype).
     """
     from torchft.modules.peft._nf4 import tensor_bytes
 
     layers = list(model.layers)
     layer_bytes = max(sum(tensor_bytes(p) for p in layer.parameters()) for layer in layers)
-    layer_grad_bytes = max(sum(tensor_bytes(p) for p in layer.parameters() if p.requires_grad) for layer in layers)
+    trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+    layer_grad_bytes = max(sum(tensor_bytes(p) for p in params) for params in trainable)
+    reduce_bytes = max(sum(p.numel() * (reduce_dtype or p.dtype).itemsize for p in params) for params in trainable)
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root_bytes = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in in_layers)
     breakdown = dict(estimate.breakdown)
-    for kind in _SHARDED_KINDS:
-        breakdown[kind] = -(-breakdown[kind] // world_size)
-    unsharded = int(root_bytes * (1 - 1 / world_size)) + 2 * layer_bytes + layer_grad_bytes
-    breakdown["all_gather_buffers"] = unsharded
-    settings = {**estimate.settings, "nproc_per_node": world_size}
-    # each rank offloads the activations of its own batch: host bytes per rank are unchanged
-    return MemoryEstimate(sum(breakdown.values()), breakdown, estimate.host_bytes, settings)
+    sharded = {kind: -(-breakdown[kind] // world_size) for kind in _SHARDED_KINDS}
+    breakdown.update(dict.fromkeys(_SHARDED_KINDS, 0) if cpu_offload else sharded)
+    breakdown["all_gather_buffers"] = int(root_bytes * (1 - 1 / world_size)) + 2 * layer_bytes
+    breakdown["reduce_scatter_buffers"] = layer_grad_bytes + reduce_bytes
+    # each rank offloads the activations of its own batch; cpu_offload adds its sharded state
+    host_bytes = estimate.host_bytes + (sum(sharded.values()) if cpu_offload else 0)
+    settings = {**estimate.settings, "nproc_per_node": world_size, "cpu_offload": cpu_offload,
+                "fp32_reduce": reduce_dtype is torch.float32}
+    return MemoryEstimate(sum(breakdown.values()), breakdown, host_bytes, settings)
 
 
 # ---- what makes it fit --------------------------------------------------------------------------
-def _plan(cfg) -> list[list[str]]:
-    """Changes that lower memory, cheapest first; each list of overrides applies on top of the previous."""
+def _plan(cfg, nproc_per_node: int = 1) -> list[list[str]]:
+    """Changes that lower memory, cheapest first; each list of overrides applies on top of the previous.
+    Batch sizes stay divisible by ``nproc_per_node`` (a distributed batch is global)."""
     plan = []
     if not cfg.get("enable_activation_checkpointing", False):
         plan.append(["enable_activation_checkpointing=true"])
     if not cfg.get("enable_activation_offloading", False):
         plan.append(["enable_activation_offloading=true"])
-    batch, accum = int(cfg.batch_size), int(cfg.get("gradient_accumulation_steps", 1))
-    while batch > 1:
-        batch, accum = batch // 2, accum * 2  # the same tokens per optimizer step
-        plan.append([f"batch_size={batch}", f"gradient_accumulation_steps={accum}"])
+    local, accum = int(cfg.batch_size) // nproc_per_node, int(cfg.get("gradient_accumulation_steps", 1))
+    while local > 1:
+        local, accum = local // 2, accum * 2  # the same tokens per optimizer step
+        plan.append([f"batch_size={local * nproc_per_node}", f"gradient_accumulation_steps={accum}"])
     component = str(cfg.model._component_)
     leaf = component.rsplit(".", 1)[-1]
     if leaf.startswith("lora_"):
@@ -303,7 +331,7 @@ def ways_to_fit(config, overrides: Sequence[str], gpu_bytes: int, *,
     ``gpu_bytes``: (overrides to add, their estimate), or None when even all of them do not fit."""
     cfg = _config_with(config, overrides)
     added: list[str] = []
-    for change in _plan(cfg):
+    for change in _plan(cfg, nproc_per_node):
         # a later change to the same key (batch size halved again) replaces the earlier one
         keys = {c.split("=", 1)[0] for c in change}
         added = [a for a in added if a.split("=", 1)[0] not in keys] + change
@@ -349,5 +377,6 @@ def warn_if_over_memory(cfg, device: torch.device) -> None:
         log.debug("memory estimate skipped: %s", err)
 
 
-__all__ = ["CUDA_CONTEXT_BYTES", "FRAGMENTATION", "KINDS", "MemoryEstimate", "estimate_memory", "estimate_step",
-           "fsdp_per_rank", "parse_memory_size", "warn_if_over_memory", "ways_to_fit"]
+__all__ = ["CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "FRAGMENTATION", "KINDS", "MemoryEstimate", "estimate_memory", "estimate_step",
+           "fsdp_per_rank", "parse_memory_size", "warn_if_over_memory", "ways_to_fit",
+           "with_cublas_workspaces"]
