@@ -63,16 +63,30 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, bits2 & _MASK16)))
 
 
+# Below this many elements a CPU update runs on one thread: with n unknown at compile time the loop
+# would start the thread pool for any size, and on a busy CPU that wait dwarfs a small update.
+_PARALLEL_NUMEL = 2**16
+
+
 @functools.cache
-def _compiled_adamw_update():
+def _compiled_adamw_update(parallel: bool):
     # Every tensor is flattened to [n] and n is symbolic: one compiled loop serves every weight
     # shape, rather than one compilation per shape.
-    return torch.compile(_adamw_update, fullgraph=True, dynamic=True)
+    options = None if parallel else {"cpp.threads": 1}
+    return torch.compile(_adamw_update, fullgraph=True, dynamic=True, options=options)
+
+
+def _update_for(p: torch.Tensor):
+    if p.device.type == "meta":  # tune estimate: nothing to compile, nothing allocated
+        return _adamw_update
+    return _compiled_adamw_update(p.is_cuda or p.numel() >= _PARALLEL_NUMEL)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), flattened to [n]; the update is elementwise."""
-    return (t.to_local() if hasattr(t, "to_local") else t).view(-1)
+    """The local shard of a DTensor (FSDP2), flattened to [n]; the update is elementwise.
+    ``detach`` after ``view``: the result shares ``t``'s memory but is no view of it, so the compiled
+    update does not guard on (and recompile for) the shape of what it was flattened from."""
+    return (t.to_local() if hasattr(t, "to_local") else t).view(-1).detach()
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
@@ -112,8 +126,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 state = self._state_of(p)
                 if skip is None:
                     skip = found_inf if found_inf is not None else torch.zeros((), device=state["step"].device)
-                update = _adamw_update if p.device.type == "meta" else _compiled_adamw_update()
-                update(_local(p.detach()), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                flat = _local(p)
+                _update_for(flat)(flat, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
                        state["step"], group["lr"], skip, self.seed * 1000003 + index, group["betas"][0],
                        group["betas"][1], group["eps"], group["weight_decay"])
         return None
