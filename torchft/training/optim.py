@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _MASK16 = 0xFFFF
 
@@ -77,7 +78,9 @@ def _compiled_adamw_update(parallel: bool):
 
 
 def _update_for(p: torch.Tensor):
-    if p.device.type == "meta":  # tune estimate: nothing to compile, nothing allocated
+    # Eager on meta (tune estimate: nothing allocated) and under a dispatch mode (a tracker of the
+    # ops: compiled code cannot run inside one).
+    if p.device.type == "meta" or _get_current_dispatch_mode() is not None:
         return _adamw_update
     return _compiled_adamw_update(p.is_cuda or p.numel() >= _PARALLEL_NUMEL)
 
