@@ -220,3 +220,32 @@ def test_stochastic_rounding_needs_bf16_weights():
     with pytest.raises(ValueError, match=r"optimizer.bf16_stochastic_round=true needs bf16 weights; a trainable "
                                          r"parameter of shape \[16, 8\] is torch.float32"):
         build_adamw(_model().parameters(), lr=1e-3, bf16_stochastic_round=True)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_bf16_adamw_resumes_exactly(in_backward):
+    # The rounding noise is a function of the step count (saved), not of a generator's state.
+    def build(model):
+        params = model.parameters()
+        return OptimizerInBackward(params, lr=1e-2) if in_backward else build_adamw(params, lr=1e-2)
+
+    def train(model, opt, steps):
+        for step in steps:
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)).float().pow(
+                2).mean().backward()
+            opt.step(), opt.zero_grad()
+
+    model = _model().to(torch.bfloat16)
+    opt = build(model)
+    train(model, opt, range(3))
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, range(3, 6))
+    if in_backward:
+        opt.remove_hooks()
+    resumed = _model().to(torch.bfloat16)
+    resumed.load_state_dict(saved[0])
+    resumed_opt = build(resumed)
+    resumed_opt.load_state_dict(saved[1])
+    train(resumed, resumed_opt, range(3, 6))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
