@@ -52,16 +52,16 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     keep = found_inf > 0
     step.add_(1 - found_inf)  # the bias corrections use this step's count
     key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
-    bits1 = _hash32(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
-    bits2 = _hash32(bits1 ^ 0x165667B1)  # [n]: 16 more random bits
+    bits = _hash32(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
     g = grad.float()
     m = exp_avg.float().lerp(g, 1 - beta1)
     v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
     denom = v.sqrt() / (1 - beta2**step).sqrt() + eps
     new_p = p.float() * (1 - lr * weight_decay) - lr / (1 - beta1**step) * m / denom
-    p.copy_(torch.where(keep, p, _round_to_bf16(new_p, bits1 & _MASK16)))
-    exp_avg.copy_(torch.where(keep, exp_avg, _round_to_bf16(m, (bits1 >> 16) & _MASK16)))
-    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, bits2 & _MASK16)))
+    # One hash, three 16-bit windows of it (each uniform; a second hash would double the cost)
+    p.copy_(torch.where(keep, p, _round_to_bf16(new_p, bits & _MASK16)))
+    exp_avg.copy_(torch.where(keep, exp_avg, _round_to_bf16(m, (bits >> 8) & _MASK16)))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, (bits >> 16) & _MASK16)))
 
 
 # Below this many elements a CPU update runs on one thread: with n unknown at compile time the loop
