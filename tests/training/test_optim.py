@@ -249,3 +249,20 @@ def test_bf16_adamw_resumes_exactly(in_backward):
     train(resumed, resumed_opt, range(3, 6))
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_tune_estimate_counts_four_bytes_of_bf16_adamw_state_per_parameter():
+    from torchft.models import llama
+    from torchft.modules.loss import ChunkedCrossEntropy
+    from torchft.training.estimate import estimate_step
+    from torchft.training.setup import default_dtype
+
+    with torch.device("meta"), default_dtype(torch.bfloat16):
+        model = llama(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+                      max_seq_len=64)
+    estimate = estimate_step(model, batch_size=1, seq_len=16, loss_fn=ChunkedCrossEntropy(),
+                             make_optimizer=lambda params: build_adamw(params, lr=1e-3))
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    # two bf16 moments per parameter; each state tensor (the step's too) is rounded up to a 512-byte block
+    assert 4 * n <= estimate.breakdown["optimizer_states"] <= 4 * n + 3 * 512 * len(params)
