@@ -130,9 +130,10 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 if skip is None:
                     skip = found_inf if found_inf is not None else torch.zeros((), device=state["step"].device)
                 flat = _local(p)
+                seed = (self.seed * 1000003 + index) % 2**31  # an int32: the noise is computed in int32
                 _update_for(flat)(flat, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
-                       state["step"], group["lr"], skip, self.seed * 1000003 + index, group["betas"][0],
-                       group["betas"][1], group["eps"], group["weight_decay"])
+                                  state["step"], group["lr"], skip, seed, group["betas"][0], group["betas"][1],
+                                  group["eps"], group["weight_decay"])
         return None
 
     def _state_of(self, p: torch.Tensor) -> dict:
