@@ -2,21 +2,25 @@
 
 Four optimizers on the same model and data:
 
-    fp32            fp32 weights, torch AdamW (the reference for what a run should learn)
-    bf16 nearest    bf16 weights, torch AdamW (round to nearest: small updates are lost)
+    fp32            fp32 weights, torch fused AdamW (the reference for what a run should learn)
+    bf16 nearest    bf16 weights, torch fused AdamW (round to nearest: small updates are lost)
     bf16 master     bf16 weights, an fp32 master copy updated by torch AdamW and copied back
-    bf16 SR         bf16 weights, torchao AdamW with bf16 stochastic rounding (torchft's default)
+    bf16 SR         bf16 weights and moments, torchft's StochasticRoundingAdamW (the default)
 
 Learning: a tiny Llama (dim 64, 2 layers) trained on a fixed random batch at lr 3e-5 for 60 steps;
-"learned" = loss drop relative to the fp32 run's. Cost: a larger Llama (dim 512, 8 layers, vocab 8192)
-with 4 x 256 tokens; optimizer + master bytes per parameter and the median optimizer step time
-(forward/backward excluded) over 10 steps after 3 warm-up steps.
+"learned" = loss drop relative to the fp32 run's. Gradient-scale drop: 2048 weights, gradients with
+E[g^2] = 1 for 1,000 steps then 0.01 for 1,000; the bias-corrected ``exp_avg_sq`` and the distance
+moved after the drop, relative to fp32 torch AdamW. Cost: a larger Llama (dim 512, 8 layers, vocab
+8192) with 4 x 256 tokens; optimizer + master bytes per parameter, the first step (with its
+compilation), the median optimizer step over the next steps (forward/backward excluded), and the
+step's extra peak RSS (the process's high-water mark reset before the step; CPU only).
 
     python benchmarks/bench_bf16_optimizer.py          # CPU, about 5 minutes; on CUDA when available
 """
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,16 +71,7 @@ VARIANTS = {
     "bf16 nearest": (torch.bfloat16, lambda params: build_adamw(params, lr=3e-5, bf16_stochastic_round=False)),
     "bf16 master": (torch.bfloat16, lambda params: MasterWeightsAdamW(params, lr=3e-5)),
     "bf16 SR": (torch.bfloat16, lambda params: build_adamw(params, lr=3e-5)),
-    "bf16 SR, compiled step": (torch.bfloat16, lambda params: _torchao_adamw()(params, lr=3e-5, weight_decay=0.0,
-                                                                              bf16_stochastic_round=True)),
 }
-
-
-def _torchao_adamw():
-    """torchao's AdamW itself, whose step is compiled per parameter shape also on the CPU."""
-    import torchao.optim
-
-    return getattr(torchao.optim, "AdamW", None) or torchao.optim._AdamW
 
 
 def make(dims: dict, dtype: torch.dtype, device: torch.device):
@@ -106,29 +101,72 @@ def learned(name: str, device: torch.device, steps: int = 60) -> float:
     return losses[0] - losses[-1]
 
 
-def cost(name: str, device: torch.device, warmup: int = 3, steps: int = 10) -> dict:
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux); return the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_bytes("VmRSS")
+
+
+def cost(name: str, device: torch.device, warmup: int = 2, steps: int = 5) -> dict:
     dtype, build = VARIANTS[name]
     model = make(COST, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, loss_fn = build(params), ChunkedCrossEntropy()
     data = batch(COST, 4, 256, device)
-    times = []
+    times, extra_rss = [], []
     for i in range(warmup + steps):
         forward_backward(model, [data], loss_fn, output_params(model))
         if device.type == "cuda":
             torch.cuda.synchronize()
+        rss = _reset_peak_rss() if device.type == "cpu" else 0
         start = time.perf_counter()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        if device.type == "cpu" and i >= warmup:  # after the first steps allocated the moments
+            extra_rss.append(_rss_bytes("VmHWM") - rss)
         optimizer.zero_grad(set_to_none=True)
     n = sum(p.numel() for p in params)
     state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else optimizer_state_bytes(optimizer)
     weights = sum(p.numel() * p.element_size() for p in params)
+    largest = max(p.numel() for p in params)
     return dict(params_m=round(n / 1e6, 1), weight_bytes_per_param=weights / n,
-                optimizer_bytes_per_param=round(state / n, 2), optimizer_step_ms=round(1e3 * statistics.median(times), 1))
+                optimizer_bytes_per_param=round(state / n, 2), first_step_s=round(times[0], 1),
+                optimizer_step_ms=round(1e3 * statistics.median(times[warmup:]), 1),
+                extra_peak_rss_mib=round(max(extra_rss) / 2**20, 1) if extra_rss else None,
+                largest_param_fp32_mib=round(4 * largest / 2**20, 1))
+
+
+def gradient_scale_drop(name: str, n: int = 2048, steps: int = 1000) -> dict:
+    """Bias-corrected exp_avg_sq and distance moved after a drop of E[g^2] from 1 to 0.01, vs fp32."""
+    torch.manual_seed(0)
+    init = torch.randn(n).to(torch.bfloat16)
+    weight = torch.nn.Parameter(init.clone() if name.startswith("bf16") else init.float())
+    ref = torch.nn.Parameter(init.float())
+    if name == "bf16 master":
+        opt = MasterWeightsAdamW([weight], lr=1e-3)
+    else:  # fp32: fused AdamW; bf16: rounded to nearest or stochastically
+        opt = build_adamw([weight], lr=1e-3, bf16_stochastic_round=name == "bf16 SR" if name != "fp32" else None)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.0)
+    for step in range(1, 2 * steps + 1):
+        grad = (1.0 if step <= steps else 0.1) * (0.6 + 0.8 * torch.randn(n))  # [n]
+        weight.grad, ref.grad = grad.to(weight.dtype), grad.clone()
+        opt.step(), ref_opt.step()
+        if step == steps:
+            at_drop = weight.detach().float().clone(), ref.detach().clone()
+    inner = opt.inner if isinstance(opt, MasterWeightsAdamW) else opt
+    v = next(iter(inner.state.values()))["exp_avg_sq"].float().mean()
+    moved = (at_drop[0] - weight.detach().float()).mean() / (at_drop[1] - ref.detach()).mean()
+    return dict(v_vs_fp32=round(float(v / ref_opt.state[ref]["exp_avg_sq"].mean()), 3),
+                moved_vs_fp32=round(float(moved), 3))
 
 
 def main() -> None:
@@ -140,16 +178,16 @@ def main() -> None:
     for name in VARIANTS:
         drop = reference if name == "fp32" else learned(name, device)
         row = dict(variant=name, device=str(device), loss_drop=round(drop, 4), learned=round(drop / reference, 3),
-                   **cost(name, device))
+                   **gradient_scale_drop(name), **cost(name, device))
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| optimizer | learned (vs fp32) | weights B/param | optimizer B/param | weights + optimizer | "
-          "optimizer step |")
-    print("|---|---|---|---|---|---|")
+    print("\n| optimizer | learned (vs fp32) | v / fp32 after the drop | moved / fp32 after the drop | "
+          "weights B/param | optimizer B/param | first step | optimizer step | extra peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        total = r["weight_bytes_per_param"] + r["optimizer_bytes_per_param"]
-        print(f"| {r['variant']} | {r['learned']:.2f} | {r['weight_bytes_per_param']:.0f} | "
-              f"{r['optimizer_bytes_per_param']:.0f} | {total:.0f} | {r['optimizer_step_ms']} ms |")
+        print(f"| {r['variant']} | {r['learned']:.2f} | {r['v_vs_fp32']:.2f} | {r['moved_vs_fp32']:.2f} | "
+              f"{r['weight_bytes_per_param']:.0f} | {r['optimizer_bytes_per_param']:.0f} | {r['first_step_s']} s | "
+              f"{r['optimizer_step_ms']} ms | {r['extra_peak_rss_mib']} MiB |")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,120 @@ def test_a_non_finite_gradient_skips_the_update_on_the_device(kind):
         assert repr(opt.state_dict()) == repr(state)  # moments and step counts untouched
     assert torch.equal(model[0].weight, weights["0.weight"]) and torch.isfinite(model[0].weight).all()
     assert step(poison=False).item() == 0.0 and not torch.equal(model[0].weight, weights["0.weight"])
+
+
+def test_bf16_adamw_follows_fp32_when_the_gradient_scale_drops():
+    # E[g^2] = 1 for 1000 steps, then 0.01. Rounded to nearest, bf16 exp_avg_sq could not decay by
+    # 0.1% a step: 500 steps after the drop it was 1.7x fp32's, and the weights moved half as far.
+    torch.manual_seed(0)
+    init = torch.randn(2048).to(torch.bfloat16)
+    bf16 = nn.Parameter(init.clone())
+    fp32 = nn.Parameter(init.float())
+    opts = [build_adamw([bf16], lr=1e-3), torch.optim.AdamW([fp32], lr=1e-3, weight_decay=0.0)]
+    for step in range(1, 1501):
+        scale = 1.0 if step <= 1000 else 0.1
+        grad = scale * (0.6 + 0.8 * torch.randn(2048))  # [2048], a steady direction under noise
+        bf16.grad, fp32.grad = grad.to(torch.bfloat16), grad.clone()
+        for opt in opts:
+            opt.step()
+        if step == 1000:
+            at_drop = (bf16.detach().float().clone(), fp32.detach().clone())
+    correction = 1 - 0.999**1500
+    v_bf16, v_fp32 = (opt.state[p]["exp_avg_sq"].float().mean() / correction for opt, p in zip(opts, (bf16, fp32)))
+    assert opts[0].state[bf16]["exp_avg_sq"].dtype is torch.bfloat16
+    assert v_bf16 / v_fp32 == pytest.approx(1.0, abs=0.03)
+    moved_bf16 = (at_drop[0] - bf16.detach().float()).mean()  # along the gradients' mean direction
+    moved_fp32 = (at_drop[1] - fp32.detach()).mean()
+    assert moved_bf16 / moved_fp32 == pytest.approx(1.0, abs=0.05)
+
+
+def test_one_compiled_update_serves_every_weight_shape():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # count from an empty cache
+    compiled_before = counters["stats"]["unique_graphs"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 48), nn.LayerNorm(48), nn.Linear(48, 8))
+    model.to(torch.bfloat16)  # 6 weights, 5 shapes
+    for opt in (build_adamw(model.parameters(), lr=1e-3, weight_decay=0.1),
+                OptimizerInBackward(model.parameters(), lr=1e-3, weight_decay=0.1)):
+        for _ in range(2):
+            model(torch.arange(8)).float().pow(2).mean().backward()
+            opt.step(), opt.zero_grad()
+        if isinstance(opt, OptimizerInBackward):
+            opt.remove_hooks()
+    assert counters["stats"]["unique_graphs"] - compiled_before == 1  # one for all shapes, not one per shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_decay_skips_1d_parameters_and_dora_magnitudes_unless_asked(dtype):
+    from torchft.modules.peft.dora import DoRALinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), DoRALinear(16, 4, rank=2, alpha=4))
+    model.to(dtype)
+    for decay_all in (False, True):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = build_adamw(model.parameters(), lr=0.1, weight_decay=0.5, decay_all_params=decay_all)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None  # AdamW then only decays: w * (1 - lr * wd)
+        opt.step()
+        for name, p in model.named_parameters():
+            if name not in before:  # DoRA's frozen base weight
+                continue
+            decayed = decay_all or p.ndim >= 2
+            expected = before[name] * (0.95 if decayed else 1.0)
+            torch.testing.assert_close(p.detach().float(), expected.float(), atol=0, rtol=1e-2, msg=name)
+    assert {"1.weight", "1.bias", "2.magnitude", "0.bias"} <= {n for n, p in model.named_parameters() if p.ndim == 1}
+
+
+def test_stochastic_rounding_needs_bf16_weights():
+    with pytest.raises(ValueError, match=r"optimizer.bf16_stochastic_round=true needs bf16 weights; a trainable "
+                                         r"parameter of shape \[16, 8\] is torch.float32"):
+        build_adamw(_model().parameters(), lr=1e-3, bf16_stochastic_round=True)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_bf16_adamw_resumes_exactly(in_backward):
+    # The rounding noise is a function of the step count (saved), not of a generator's state.
+    def build(model):
+        params = model.parameters()
+        return OptimizerInBackward(params, lr=1e-2) if in_backward else build_adamw(params, lr=1e-2)
+
+    def train(model, opt, steps):
+        for step in steps:
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)).float().pow(
+                2).mean().backward()
+            opt.step(), opt.zero_grad()
+
+    model = _model().to(torch.bfloat16)
+    opt = build(model)
+    train(model, opt, range(3))
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, range(3, 6))
+    if in_backward:
+        opt.remove_hooks()
+    resumed = _model().to(torch.bfloat16)
+    resumed.load_state_dict(saved[0])
+    resumed_opt = build(resumed)
+    resumed_opt.load_state_dict(saved[1])
+    train(resumed, resumed_opt, range(3, 6))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_tune_estimate_counts_four_bytes_of_bf16_adamw_state_per_parameter():
+    from torchft.models import llama
+    from torchft.modules.loss import ChunkedCrossEntropy
+    from torchft.training.estimate import estimate_step
+    from torchft.training.setup import default_dtype
+
+    with torch.device("meta"), default_dtype(torch.bfloat16):
+        model = llama(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+                      max_seq_len=64)
+    estimate = estimate_step(model, batch_size=1, seq_len=16, loss_fn=ChunkedCrossEntropy(),
+                             make_optimizer=lambda params: build_adamw(params, lr=1e-3))
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    # two bf16 moments per parameter; each state tensor (the step's too) is rounded up to a 512-byte block
+    assert 4 * n <= estimate.breakdown["optimizer_states"] <= 4 * n + 3 * 512 * len(params)

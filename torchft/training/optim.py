@@ -1,85 +1,150 @@
-"""Optimizers: AdamW (fused on CUDA; stochastic rounding on bf16 weights), optimizer-in-backward, clipping.
+"""Optimizers: AdamW (fused; stochastic rounding on bf16 weights), optimizer-in-backward, clipping.
 
 bf16 weights cannot take small updates: an AdamW step of ``lr`` (about 1e-5 in a full fine-tune)
 is below half a bf16 ulp of most weights (2**-9 relative), so round-to-nearest throws it away and
-the run barely trains. On bf16 weights :func:`build_adamw` therefore uses torchao's AdamW with
-``bf16_stochastic_round=True``: the update is computed in fp32 and rounded up or down at random with
-the probabilities that make the rounded weight equal the fp32 one on average, so no update is lost
-in expectation, with no fp32 copy of the weights (benchmarks/RESULTS.md compares it with fp32 master
-weights: same learning, half the optimizer memory).
+the run barely trains. On bf16 weights :func:`build_adamw` therefore uses
+:class:`StochasticRoundingAdamW`: the update is computed in fp32 and rounded up or down at random
+with the probabilities that make the rounded weight equal the fp32 one on average, so no update is
+lost in expectation, with no fp32 copy of the weights.
+
+The moments are bf16 and rounded the same way. Rounded to nearest, ``exp_avg_sq`` could not decay:
+with beta2 = 0.999 a step changes it by 0.1%, below half a bf16 ulp, so after the gradients shrink
+it stays at the old scale and the steps shrink with it. Stochastic rounding decays it as fp32 does
+on average, at 2 + 2 bytes per parameter (fp32 moments would take 8).
 """
 import functools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_MASK16 = 0xFFFF
 
 
-def _adamw_update(p, grad, step, exp_avg, exp_avg_sq, lr, beta1: float, beta2: float, weight_decay: float,
-                  eps: float, found_inf):
-    """One AdamW update of ``p`` (bf16: stochastically rounded), left undone where ``found_inf`` ([] 1.0) says so.
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A well-mixed int32 of each int32 in ``x`` (multiplications wrap around; ``>>`` is made logical)."""
+    x = ((x >> 16) & _MASK16) ^ x
+    x = x * 0x45D9F3B
+    x = ((x >> 16) & _MASK16) ^ x
+    x = x * 0x45D9F3B
+    return ((x >> 16) & _MASK16) ^ x
 
-    torchao's ``single_param_adam`` does the math (in fp32) on copies; ``torch.where`` keeps the old
-    weight and moments when the step is not finite, on the device (compiled, the copies fuse away).
+
+def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``x`` [n] fp32 rounded stochastically to bf16 with ``noise`` [n] int32 uniform in [0, 2**16).
+
+    Adding the noise to the 16 bits that bf16 drops carries into the kept bits with probability
+    (dropped bits) / 2**16: rounded up that often, down otherwise, so the mean is ``x``.
     """
-    from torchao.optim.adam import single_param_adam
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
-    new_p, new_avg, new_avg_sq = p.clone(), exp_avg.clone(), exp_avg_sq.clone()
-    single_param_adam(new_p, grad, step, new_avg, new_avg_sq, None, lr, beta1, beta2, weight_decay, eps, True,
-                      p.dtype is torch.bfloat16)
+
+def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> None:
+    """One AdamW update of the bf16 ``p``, ``exp_avg`` and ``exp_avg_sq`` (all [n], in place), rounded
+    stochastically; ``step`` ([] fp32) counts it. Nothing changes where ``found_inf`` ([] 1.0) says so.
+
+    The math is fp32 in registers: compiled, this is one loop over ``p`` with no temporaries. The
+    rounding noise is a hash of (element, step, ``seed``): no generator state to save, so a resumed
+    run rounds exactly as the uninterrupted one.
+    """
     keep = found_inf > 0
-    p.copy_(torch.where(keep, p, new_p))
-    exp_avg.copy_(torch.where(keep, exp_avg, new_avg))
-    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, new_avg_sq))
+    step.add_(1 - found_inf)  # the bias corrections use this step's count
+    key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
+    bits = _hash32(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
+    g = grad.float()
+    m = exp_avg.float().lerp(g, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
+    denom = v.sqrt() / (1 - beta2**step).sqrt() + eps
+    new_p = p.float() * (1 - lr * weight_decay) - lr / (1 - beta1**step) * m / denom
+    # One hash, three 16-bit windows of it (each uniform; a second hash would double the cost)
+    p.copy_(torch.where(keep, p, _round_to_bf16(new_p, bits & _MASK16)))
+    exp_avg.copy_(torch.where(keep, exp_avg, _round_to_bf16(m, (bits >> 8) & _MASK16)))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, (bits >> 16) & _MASK16)))
+
+
+# Below this many elements a CPU update runs on one thread: with n unknown at compile time the loop
+# would start the thread pool for any size, and on a busy CPU that wait dwarfs a small update.
+_PARALLEL_NUMEL = 2**16
 
 
 @functools.cache
-def _compiled_adamw_update():
-    return torch.compile(_adamw_update, fullgraph=True, dynamic=False)
+def _compiled_adamw_update(parallel: bool):
+    # Every tensor is flattened to [n] and n is symbolic: one compiled loop serves every weight
+    # shape, rather than one compilation per shape.
+    options = None if parallel else {"cpp.threads": 1}
+    return torch.compile(_adamw_update, fullgraph=True, dynamic=True, options=options)
 
 
-@functools.cache
-def _stochastic_rounding_adamw():
-    """torchao's AdamW (imported on first use: torchao is slow to import) with the found-inf skip."""
-    import torchao.optim
+def _update_for(p: torch.Tensor):
+    # Eager on meta (tune estimate: nothing allocated) and under a dispatch mode (a tracker of the
+    # ops: compiled code cannot run inside one).
+    if p.device.type == "meta" or _get_current_dispatch_mode() is not None:
+        return _adamw_update
+    return _compiled_adamw_update(p.is_cuda or p.numel() >= _PARALLEL_NUMEL)
 
-    # torchao 0.18 names its full-precision AdamW ``_AdamW`` (the low-bit ones are the public names)
-    AdamW = getattr(torchao.optim, "AdamW", None) or torchao.optim._AdamW
 
-    class StochasticRoundingAdamW(AdamW):
-        """torchao's AdamW with bf16 stochastic rounding that, like torch's fused AdamW, skips the
-        update on the device when its ``found_inf`` attribute ([] 1.0) is set, and whose ``lr`` may be
-        set as a float. The update is compiled on GPUs and eager on the CPU (compiling it there costs
-        seconds for no gain on the small models trained on a CPU)."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), flattened to [n]; the update is elementwise.
+    ``detach`` after ``view``: the result shares ``t``'s memory but is no view of it, so the compiled
+    update does not guard on (and recompile for) the shape of what it was flattened from."""
+    return (t.to_local() if hasattr(t, "to_local") else t).view(-1).detach()
 
-        skips_on_found_inf = True
 
-        @torch.no_grad()
-        def step(self, closure=None):
-            found_inf = getattr(self, "found_inf", None)
-            for group in self.param_groups:
-                if not isinstance(group["lr"], torch.Tensor):  # OptimizerInBackward copies a float in
-                    group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = torch.zeros((), device=p.device)  # on the device: found_inf decides
-                        state["exp_avg"] = self._new_buffer(p, True)
-                        state["exp_avg_sq"] = self._new_buffer(p, False)
-                    elif state["step"].device != p.device:  # loaded from a CPU checkpoint
-                        state["step"] = state["step"].to(p.device)
-                    skip = found_inf if found_inf is not None else torch.zeros((), device=p.device)
-                    state["step"] += 1 - skip
-                    update = _compiled_adamw_update() if p.is_cuda else _adamw_update
-                    with torch._dynamo.utils.disable_cache_limit():  # one compilation per weight shape
-                        update(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"],
-                               group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
-                               group["eps"], skip)
-            return None
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights: fp32 math, weights and both moments stored in bf16 and rounded
+    stochastically (6 bytes per parameter with the weight). Like torch's fused AdamW, it skips the
+    update on the device when its ``found_inf`` attribute ([] 1.0) is set. The update is compiled
+    (CPU and GPU; eager on ``meta``). ``seed`` offsets the rounding noise (each weight of
+    :class:`OptimizerInBackward` has its own optimizer and seed).
 
-    return StochasticRoundingAdamW
+    State per parameter, as torch's AdamW: ``step`` ([] fp32), ``exp_avg``, ``exp_avg_sq`` (bf16).
+    """
+
+    skips_on_found_inf = True
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype is not torch.bfloat16:
+                    raise ValueError(f"optimizer.bf16_stochastic_round=true needs bf16 weights; a trainable "
+                                     f"parameter of shape {list(p.shape)} is {p.dtype}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        skip = None  # [] per device: 1.0 skips the update
+        index = 0
+        for group in self.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):  # a scheduler or OptimizerInBackward sets a float
+                group["lr"] = torch.tensor(group["lr"], dtype=torch.float32)
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                state = self._state_of(p)
+                if skip is None:
+                    skip = found_inf if found_inf is not None else torch.zeros((), device=state["step"].device)
+                flat = _local(p)
+                seed = (self.seed * 1000003 + index) % 2**31  # an int32: the noise is computed in int32
+                _update_for(flat)(flat, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]),
+                                  state["step"], group["lr"], skip, seed, group["betas"][0], group["betas"][1],
+                                  group["eps"], group["weight_decay"])
+        return None
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), device=p.device)  # on the device: found_inf decides
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif state["step"].device != p.device:  # loaded from a CPU checkpoint
+            state["step"] = state["step"].to(p.device)
+        return state
 
 
 def build_adamw(
@@ -89,28 +154,45 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     bf16_stochastic_round: bool | None = None,
+    decay_all_params: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable ``params``.
 
     fp32 weights: torch's fused AdamW (one kernel per step).
-    bf16 weights: torchao's AdamW with stochastic rounding (states in bf16, math in fp32), unless
-    ``bf16_stochastic_round=False`` (then torch's AdamW rounding to nearest, which loses small updates).
+    bf16 weights: :class:`StochasticRoundingAdamW` (weights and moments in bf16, math in fp32),
+    unless ``bf16_stochastic_round=False`` (then torch's AdamW rounding to nearest, which loses small
+    updates and cannot decay ``exp_avg_sq``).
+    ``weight_decay`` applies to matrices only: 1-D parameters (norm weights, biases, DoRA magnitudes)
+    are not pulled toward 0, unless ``decay_all_params=True``.
     """
     if lr <= 0:
         raise ValueError(f"optimizer.lr ({lr}) must be > 0")
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to optimize")
+    groups = weight_decay_groups(params, weight_decay, decay_all_params)
     if bf16_stochastic_round is None:
         bf16_stochastic_round = all(p.dtype is torch.bfloat16 for p in params)
     if bf16_stochastic_round:
-        return _stochastic_rounding_adamw()(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
-                                            bf16_stochastic_round=True)
+        return StochasticRoundingAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     # fused (on the CPU too): one kernel per step, and the update is skipped on the device when
     # ``found_inf`` is set (see step_unless_nonfinite). Meta parameters (``tune estimate``) have no
     # fused kernel; the unfused AdamW keeps the same states.
     fused = all(p.device.type != "meta" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def weight_decay_groups(params: list[nn.Parameter], weight_decay: float, decay_all_params: bool) -> list[dict]:
+    """Param groups: matrices with ``weight_decay``, 1-D parameters (norm weights, biases, DoRA
+    magnitudes [out_dim]) with none, since pulling a scale or an offset toward 0 is not a
+    regularisation; one group with ``weight_decay`` for all if ``decay_all_params``. Empty groups
+    are left out."""
+    if decay_all_params:
+        return [{"params": params, "weight_decay": weight_decay}]
+    matrices = [p for p in params if p.ndim >= 2]  # DTensor (FSDP2): ndim is the full tensor's
+    vectors = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0})
+            if g["params"]]
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -130,6 +212,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": adamw_kwargs["lr"]})
         self._optimizers = [build_adamw([p], **adamw_kwargs) for p in params]
+        for index, opt in enumerate(self._optimizers):
+            if isinstance(opt, StochasticRoundingAdamW):  # each weight its own rounding noise
+                opt.seed = index
         self._grad_sq: torch.Tensor | None = None  # [] sum of squared gradients of this step so far
         self._found_inf: torch.Tensor | None = None  # [] 1.0 once a gradient of this step was not finite
         self._handles = []
