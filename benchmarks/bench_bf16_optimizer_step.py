@@ -18,8 +18,9 @@ import torch
 from torchft.training.optim import build_adamw
 
 
-def shapes(kind: str, layers: int) -> list[tuple[int, ...]]:
-    dim, kv, hidden, vocab, rank = 2048, 512, 8192, 128256, 8
+def shapes(kind: str, layers: int, tiny: bool = False) -> list[tuple[int, ...]]:
+    # Llama 3.2 1B; --tiny: the same list of weights at toy sizes (the CPU dry run of the GPU session)
+    dim, kv, hidden, vocab, rank = (64, 32, 128, 256, 8) if tiny else (2048, 512, 8192, 128256, 8)
     if kind == "lora":
         return [(rank, dim), (dim, rank), (rank, dim), (kv, rank)] * layers
     layer = [(dim, dim), (kv, dim), (kv, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden), (dim,), (dim,)]
@@ -31,12 +32,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(kind: str, variant: str, layers: int, device: torch.device, steps: int = 20) -> dict:
+def run(kind: str, variant: str, layers: int, device: torch.device, steps: int = 20, tiny: bool = False) -> dict:
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     dtype = torch.float32 if variant == "fused fp32" else torch.bfloat16
-    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes(kind, layers)]
+    params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype) * 0.02) for s in shapes(kind, layers, tiny)]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = (build_adamw(params, lr=1e-5) if variant == "torchft SR" else
@@ -65,13 +66,14 @@ def run(kind: str, variant: str, layers: int, device: torch.device, steps: int =
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (a dry run on the CPU)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(json.dumps(dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda"
                           else "cpu")), flush=True)
     for kind in ("full", "lora"):
         for variant in ("torchft SR", "fused bf16", "fused fp32"):
-            print(json.dumps(run(kind, variant, args.layers, device)), flush=True)
+            print(json.dumps(run(kind, variant, args.layers, device, tiny=args.tiny)), flush=True)
             torch.cuda.empty_cache() if device.type == "cuda" else None
 
 

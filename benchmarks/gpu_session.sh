@@ -5,7 +5,8 @@
 #   3. the GPU-marked tests (gpu_tests.log);
 #   4. the benchmark suite within what is left of the time (suite_rows.jsonl and RESULTS.md, both
 #      brought up to date after every row, with the estimates beside the measured peaks; suite.log).
-# session.log says what ran, for how long, and the versions found. Seven files in all.
+# session.log says what ran, for how long, and the versions found; optimizer_step.log times the bf16
+# optimizer step against fused AdamW. Eight files in all (what one command can bring back).
 #
 #   bash benchmarks/gpu_session.sh OUTDIR            # on the GPU machine (repository root)
 #   bash benchmarks/gpu_session.sh OUTDIR --dry-run  # on a CPU: no installs, toy shapes, the same steps
@@ -18,7 +19,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-session_s=${SESSION_BUDGET_S:-420}  # 7 minutes: one command may take 10, a session's device time is 15
+session_s=${SESSION_BUDGET_S:-450}  # 7 minutes: one command may take 10, a session's device time is 15
 export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$out/session.log"; }
 left() { echo $((session_s - SECONDS)); }
@@ -70,6 +71,10 @@ if "$python" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 10
 timeout "$tests_s" "$python" -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider "${per_test[@]}" tests \
     >"$out/gpu_tests.log" 2>&1
 log "tests exited $? ($(tail -n 1 "$out/gpu_tests.log"))"
+
+log "bf16 optimizer step against fused AdamW (1B shapes, 4 layers), at most 75 s"
+timeout 75 "$python" benchmarks/bench_bf16_optimizer_step.py --layers 4 "${tiny[@]}" >"$out/optimizer_step.log" 2>&1
+log "optimizer step exited $?"
 
 wait "$estimates_pid"
 log "estimates exited $?"

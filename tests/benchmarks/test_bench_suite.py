@@ -100,7 +100,12 @@ def test_gpu_session_dry_run_writes_every_row_into_the_folder_it_is_given(tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "estimates.jsonl", "estimates.log", "gpu_tests.log",
-                                                     "session.log", "suite.log", "suite_rows.jsonl"]
+                                                     "optimizer_step.log", "session.log", "suite.log",
+                                                     "suite_rows.jsonl"]
+    # the optimizer rows: torchft's bf16 AdamW and fused AdamW (bf16, fp32), full and LoRA shapes
+    optimizer_rows = [json.loads(line) for line in (out / "optimizer_step.log").read_text().splitlines()[1:]]
+    assert [(r["kind"], r["variant"]) for r in optimizer_rows] == [
+        (kind, variant) for kind in ("full", "lora") for variant in ("torchft SR", "fused bf16", "fused fp32")]
     # every GPU test collected (none fails to import without lm-eval or wandb) and skipped on the CPU
     tests_summary = (out / "gpu_tests.log").read_text().strip().splitlines()[-1]
     assert re.search(r"\d+ skipped, \d+ deselected", tests_summary) and "error" not in tests_summary, tests_summary
