@@ -473,7 +473,7 @@ def plan(workloads: list[str], suite: bool, tiny: bool, peers: bool, measure: di
             rows.append(torchft[(workload, name)])
         elif who == "peer" and peers and workload in workloads:
             rows.append(peer_row(workload, [name], cost))
-        elif who == "decode":
+        elif who == "decode" and set(workloads) == set(WORKLOADS):  # decoding rows: the whole suite only
             rows.append(decode_row(name, cost))
     return rows
 

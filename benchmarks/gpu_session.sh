@@ -59,12 +59,15 @@ print(f"python {sys.version.split()[0]};", ", ".join(found))
 EOF
 
 log "estimates in the background (one CPU core)"
+# shellcheck disable=SC2086
 OMP_NUM_THREADS=1 timeout 150 "$python" benchmarks/bench_finetune.py --suite --estimates "${tiny[@]}" --out "$out" \
-    >"$out/estimates.log" 2>&1 &
+    ${SUITE_ARGS:-} >"$out/estimates.log" 2>&1 &
 estimates_pid=$!
 
 tests_s=$(( $(left) - 250 < 150 ? $(left) - 250 : 150 ))  # the suite keeps at least 230 s
 tests_s=$(( tests_s < 30 ? 30 : tests_s ))
+tests_s=${GPU_TESTS_S:-$tests_s}  # GPU_TESTS_S, OPTIMIZER_BENCH_S and SUITE_ARGS (e.g. "--no-peers lora_1b")
+                                  # narrow a rerun that has less device time left
 log "GPU-marked tests, at most ${tests_s} s"
 per_test=()
 if "$python" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 100); fi
@@ -72,8 +75,9 @@ timeout "$tests_s" "$python" -m pytest -m gpu -v -rA --durations=0 -p no:cachepr
     >"$out/gpu_tests.log" 2>&1
 log "tests exited $? ($(tail -n 1 "$out/gpu_tests.log"))"
 
-log "bf16 optimizer step against fused AdamW (1B shapes, 4 layers), at most 75 s"
-timeout 75 "$python" benchmarks/bench_bf16_optimizer_step.py --layers 4 "${tiny[@]}" >"$out/optimizer_step.log" 2>&1
+opt_s=${OPTIMIZER_BENCH_S:-75}
+log "bf16 optimizer step against fused AdamW (1B shapes, 4 layers), at most ${opt_s} s"
+timeout "$opt_s" "$python" benchmarks/bench_bf16_optimizer_step.py --layers 4 "${tiny[@]}" >"$out/optimizer_step.log" 2>&1
 log "optimizer step exited $?"
 
 wait "$estimates_pid"
@@ -81,8 +85,9 @@ log "estimates exited $?"
 
 suite_s=$(( $(left) - 20 ))
 log "suite, budget ${suite_s} s"
+# shellcheck disable=SC2086  # SUITE_ARGS is a list of words
 timeout $((suite_s + 15)) "$python" benchmarks/bench_finetune.py --suite "${tiny[@]}" --budget "$suite_s" \
-    --out "$out" "${peer_args[@]}" >"$out/suite.log" 2>&1
+    --out "$out" "${peer_args[@]}" ${SUITE_ARGS:-} >"$out/suite.log" 2>&1
 log "suite exited $?"
 
 cat "$out/RESULTS.md" 2>/dev/null

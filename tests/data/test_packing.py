@@ -1,5 +1,6 @@
 """Packing: per-document positions, block-causal masks, and packed loss == unpacked loss on a real model."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -19,13 +20,19 @@ from torchft.data import (
 from .conftest import corpus
 
 
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory, llama3_tok):
+def _write_chats(folder):
+    """30 two-turn chats in ``folder``/chat.jsonl."""
     lines = corpus(60, seed=3)
     rows = [{"messages": [{"role": "user", "content": lines[i]}, {"role": "assistant", "content": lines[i + 1]}]}
             for i in range(0, 60, 2)]
-    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path = folder / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory, llama3_tok):
+    path = _write_chats(tmp_path_factory.mktemp("chat"))
     unpacked = chat_dataset(llama3_tok, "json", str(path), max_seq_len=96)
     packed = chat_dataset(llama3_tok, "json", str(path), max_seq_len=96, packed=True)
     return unpacked, packed
@@ -132,17 +139,24 @@ def test_collate_errors():
 
 
 @pytest.mark.gpu
-def test_packed_loss_with_flex_block_mask_on_cuda(chats, llama3_tok):
+def test_packed_loss_with_flex_block_mask_on_cuda(tmp_path, llama3_tok, monkeypatch):
     from torch.nn.attention.flex_attention import BlockMask
 
     from torchft.models._llama import llama
+    from torchft.modules import attention
 
-    unpacked, packed = chats
+    monkeypatch.setattr(attention, "_compiled_flex_attention", None)  # compiled afresh, whatever ran before
+
+    # packs of 256 tokens: a query shorter than 128 takes flex's decoding kernel instead of the one
+    # training uses
+    path = str(_write_chats(tmp_path))
+    unpacked, packed = (chat_dataset(llama3_tok, "json", path, max_seq_len=256, packed=p) for p in (False, True))
     torch.manual_seed(0)
     model = llama(vocab_size=llama3_tok.vocab_size, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-                  intermediate_dim=128, max_seq_len=128).cuda().eval()
+                  intermediate_dim=128, max_seq_len=256).cuda().eval()
     to_cuda = lambda batch: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # the fused kernel itself, not the unfused fallback
+        warnings.filterwarnings("error", message="flex_attention could not be compiled")
         ref_sum, count = _loss_sum(model, to_cuda(padded_collate([unpacked[i] for i in range(len(unpacked))],
                                                                pad_id=llama3_tok.pad_id)))
         parts = []

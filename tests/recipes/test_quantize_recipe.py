@@ -28,14 +28,14 @@ def _overrides(ckpt, out, scheme, device="cpu", dtype="fp32"):
     ]
 
 
-def _run_and_check(ckpt, out, scheme, device="cpu", dtype="fp32"):
+def _run_and_check(ckpt, out, scheme, device="cpu", dtype="fp32", smaller=True):
     from torchft._recipes.quantize import main
     from torchft.config import load_config
 
     main(load_config("quantization", _overrides(ckpt, out, scheme, device, dtype)))
     info = json.loads((out / "quantization.json").read_text())
     assert info["scheme"] == scheme
-    assert info["weight_bytes_after"] < info["weight_bytes_before"]
+    assert (info["weight_bytes_after"] < info["weight_bytes_before"]) == smaller
     assert info["perplexity_before"] > 1 and info["perplexity_after"] > 1
 
     loaded = load_model(out, device=device)
@@ -113,4 +113,7 @@ def test_unknown_scheme_lists_the_choices():
 
 @pytest.mark.gpu
 def test_int4_weight_only_on_cuda(checkpoint, tmp_path):
-    _run_and_check(checkpoint, tmp_path / "q", "int4_weight_only", device="cuda", dtype="bf16")
+    # int4's packed CUDA layout pads each weight's input dimension to a multiple of 1024: the tiny
+    # model's 64-wide weights come out larger than in bf16 (723 KB against 170 KB on an H200); real
+    # widths (2048 and up) are a multiple already
+    _run_and_check(checkpoint, tmp_path / "q", "int4_weight_only", device="cuda", dtype="bf16", smaller=False)

@@ -81,3 +81,21 @@ def test_compiled_layer_is_one_graph_and_equals_eager(method, checkpointing):
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_offload_hooks_run_eagerly_beside_compiled_layers():
+    """Autograd calls the offloading hooks while a compiled layer runs; the compiler must leave them
+    alone (traced, their stream calls cannot be compiled on CUDA), so the layer stays one graph."""
+    from torchft.training.activations import OffloadActivations
+
+    model = _model("lora")
+    apply_activation_checkpointing(model)
+    assert compile_layers(model) == 1
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    offload = OffloadActivations("cpu", min_bytes=1)
+    with offload:
+        logits = model(tokens)
+    assert offload.offloaded_bytes > 0  # the checkpointed layer's input went through the hooks
+    logits.square().mean().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1

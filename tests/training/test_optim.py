@@ -266,3 +266,20 @@ def test_tune_estimate_counts_four_bytes_of_bf16_adamw_state_per_parameter():
     n = sum(p.numel() for p in params)
     # two bf16 moments per parameter; each state tensor (the step's too) is rounded up to a 512-byte block
     assert 4 * n <= estimate.breakdown["optimizer_states"] <= 4 * n + 3 * 512 * len(params)
+
+
+def test_rounding_noise_is_the_same_in_32_and_64_bit_integers_and_unbiased():
+    """A GPU compile may widen the element index to 64 bits: the hashed noise must not change with it,
+    and each of its three 16-bit windows must be uniform over [0, 2**16) (a window reaching past the
+    hash's 31 bits would be biased toward rounding down)."""
+    from torchft.training.optim import _hash31, _noise_window
+
+    x = torch.arange(1 << 20, dtype=torch.int32) * 0x27D4EB2F + -1640531527 * 3 + 12345  # wraps in int32
+    wide = torch.arange(1 << 20, dtype=torch.int64) * 0x27D4EB2F + (-1640531527 * 3 + 12345)  # does not
+    bits = _hash31(x)
+    assert torch.equal(bits.long(), _hash31(wide))
+    for i in range(3):
+        noise = _noise_window(bits, i).double()
+        assert noise.min() >= 0 and noise.max() < 2**16
+        assert abs(noise.mean().item() / (2**16 - 1) - 0.5) < 2e-3  # uniform: mean (2**16 - 1) / 2
+        assert abs(noise.std().item() / 2**16 - 12 ** -0.5) < 2e-3

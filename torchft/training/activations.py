@@ -139,7 +139,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         self.offloaded_bytes = 0  # host bytes held by this forward's copies
         self._by_storage: dict[int, _Offloaded] = {}
         self._last: Optional[_Offloaded] = None
-        super().__init__(self._pack, self._unpack)
+        # Autograd calls the hooks while a compiled layer runs; left to the compiler they would be
+        # traced, and their stream calls (record_stream) cannot be compiled: they always run eagerly.
+        super().__init__(torch.compiler.disable(self._pack), torch.compiler.disable(self._unpack))
 
     def __enter__(self):
         self._by_storage, self._last, self.offloaded_bytes = {}, None, 0

@@ -20,15 +20,28 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _MASK16 = 0xFFFF
+_MASK31 = 0x7FFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A well-mixed int32 of each int32 in ``x`` (multiplications wrap around; ``>>`` is made logical)."""
+def _hash31(x: torch.Tensor) -> torch.Tensor:
+    """A well-mixed 31-bit value of each integer in ``x``.
+
+    Every product is cut to its low 31 bits, which are the same whether the integers are 32 or 64 bits
+    wide: compiled for a GPU, an index built by ``arange(..., dtype=int32)`` can come out 64 bits wide,
+    and the noise must not depend on that.
+    """
+    x = x & _MASK31
     x = ((x >> 16) & _MASK16) ^ x
-    x = x * 0x45D9F3B
+    x = (x * 0x45D9F3B) & _MASK31
     x = ((x >> 16) & _MASK16) ^ x
-    x = x * 0x45D9F3B
+    x = (x * 0x45D9F3B) & _MASK31
     return ((x >> 16) & _MASK16) ^ x
+
+
+def _noise_window(bits: torch.Tensor, i: int) -> torch.Tensor:
+    """The ``i``-th (0, 1, 2) 16-bit window of the 31 hashed ``bits``: bits 0-15, 7-22 and 15-30, each
+    uniform in [0, 2**16)."""
+    return (bits >> (0, 7, 15)[i]) & _MASK16
 
 
 def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -37,6 +50,9 @@ def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     Adding the noise to the 16 bits that bf16 drops carries into the kept bits with probability
     (dropped bits) / 2**16: rounded up that often, down otherwise, so the mean is ``x``.
     """
+    # The noise goes through fp32 (exact below 2**24) to be int32 for certain: added to a 64-bit value,
+    # the sum could not be reinterpreted as fp32 (the GPU compiler refuses that bitcast).
+    noise = noise.float().to(torch.int32)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -52,16 +68,16 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     keep = found_inf > 0
     step.add_(1 - found_inf)  # the bias corrections use this step's count
     key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
-    bits = _hash32(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
+    bits = _hash31(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
     g = grad.float()
     m = exp_avg.float().lerp(g, 1 - beta1)
     v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
     denom = v.sqrt() / (1 - beta2**step).sqrt() + eps
     new_p = p.float() * (1 - lr * weight_decay) - lr / (1 - beta1**step) * m / denom
     # One hash, three 16-bit windows of it (each uniform; a second hash would double the cost)
-    p.copy_(torch.where(keep, p, _round_to_bf16(new_p, bits & _MASK16)))
-    exp_avg.copy_(torch.where(keep, exp_avg, _round_to_bf16(m, (bits >> 8) & _MASK16)))
-    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, (bits >> 16) & _MASK16)))
+    p.copy_(torch.where(keep, p, _round_to_bf16(new_p, _noise_window(bits, 0))))
+    exp_avg.copy_(torch.where(keep, exp_avg, _round_to_bf16(m, _noise_window(bits, 1))))
+    exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, _round_to_bf16(v, _noise_window(bits, 2))))
 
 
 # Below this many elements a CPU update runs on one thread: with n unknown at compile time the loop
