@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh OUTDIR            # on the GPU machine (repository root)
 #   bash benchmarks/gpu_session.sh OUTDIR --dry-run  # on a CPU: no installs, toy shapes, the same steps
 #
+# Every step runs under `timeout -k 10`: a training loop takes SIGTERM as "save and stop", so a step
+# that does not end on SIGTERM is killed 10 s later.
 # TORCHFT_COMMIT=<hash> names the commit in the results where the copy of the tree has no git.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTDIR [--dry-run]}
@@ -60,7 +62,7 @@ EOF
 
 log "estimates in the background (one CPU core)"
 # shellcheck disable=SC2086
-OMP_NUM_THREADS=1 timeout 150 "$python" benchmarks/bench_finetune.py --suite --estimates "${tiny[@]}" --out "$out" \
+OMP_NUM_THREADS=1 timeout -k 10 150 "$python" benchmarks/bench_finetune.py --suite --estimates "${tiny[@]}" --out "$out" \
     ${SUITE_ARGS:-} >"$out/estimates.log" 2>&1 &
 estimates_pid=$!
 
@@ -71,13 +73,13 @@ tests_s=${GPU_TESTS_S:-$tests_s}  # GPU_TESTS_S, OPTIMIZER_BENCH_S and SUITE_ARG
 log "GPU-marked tests, at most ${tests_s} s"
 per_test=()
 if "$python" -c "import pytest_timeout" 2>/dev/null; then per_test=(--timeout 100); fi
-timeout "$tests_s" "$python" -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider "${per_test[@]}" tests \
+timeout -k 10 "$tests_s" "$python" -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider "${per_test[@]}" tests \
     >"$out/gpu_tests.log" 2>&1
 log "tests exited $? ($(tail -n 1 "$out/gpu_tests.log"))"
 
 opt_s=${OPTIMIZER_BENCH_S:-75}
 log "bf16 optimizer step against fused AdamW (1B shapes, 4 layers), at most ${opt_s} s"
-timeout "$opt_s" "$python" benchmarks/bench_bf16_optimizer_step.py --layers 4 "${tiny[@]}" >"$out/optimizer_step.log" 2>&1
+timeout -k 10 "$opt_s" "$python" benchmarks/bench_bf16_optimizer_step.py --layers 4 "${tiny[@]}" >"$out/optimizer_step.log" 2>&1
 log "optimizer step exited $?"
 
 wait "$estimates_pid"
@@ -86,7 +88,7 @@ log "estimates exited $?"
 suite_s=$(( $(left) - 20 ))
 log "suite, budget ${suite_s} s"
 # shellcheck disable=SC2086  # SUITE_ARGS is a list of words
-timeout $((suite_s + 15)) "$python" benchmarks/bench_finetune.py --suite "${tiny[@]}" --budget "$suite_s" \
+timeout -k 10 $((suite_s + 15)) "$python" benchmarks/bench_finetune.py --suite "${tiny[@]}" --budget "$suite_s" \
     --out "$out" "${peer_args[@]}" ${SUITE_ARGS:-} >"$out/suite.log" 2>&1
 log "suite exited $?"
 

@@ -150,6 +150,11 @@ def load_quantized(folder: str | Path, *, device: torch.device | str = "cpu") ->
     # globals for weights_only loading; a fresh process has not imported it yet.
     import torchao.quantization  # noqa: F401
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # "cuda" with no index: torch.load then makes tensors on cuda:0 whose inner storages say "cuda",
+        # and assigning them into the model fails (torch 2.11, int4 weights)
+        device = torch.device("cuda", torch.cuda.current_device())
     state_dict = torch.load(folder / QUANTIZED_WEIGHTS, map_location=device, weights_only=True, mmap=True)
     model.load_state_dict(state_dict, assign=True)
     for p in model.parameters():

@@ -61,14 +61,20 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     """One AdamW update of the bf16 ``p``, ``exp_avg`` and ``exp_avg_sq`` (all [n], in place), rounded
     stochastically; ``step`` ([] fp32) counts it. Nothing changes where ``found_inf`` ([] 1.0) says so.
 
-    The math is fp32 in registers: compiled, this is one loop over ``p`` with no temporaries. The
-    rounding noise is a hash of (element, step, ``seed``): no generator state to save, so a resumed
-    run rounds exactly as the uninterrupted one.
+    The math is fp32 in registers: compiled, this is one loop over ``p`` with no temporaries. On the
+    CPU the rounding noise is a hash of (element, step, ``seed``): no generator state to save, so a
+    resumed run rounds exactly as the uninterrupted one; on a GPU it comes from the CUDA generator.
     """
     keep = found_inf > 0
     step.add_(1 - found_inf)  # the bias corrections use this step's count
-    key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
-    bits = _hash31(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
+    if p.is_cuda:
+        # On a GPU the noise comes from the device's generator, whose state a checkpoint saves with the
+        # run's other RNG states (a resumed run draws the same noise). The integer hash does not go
+        # through the GPU compiler reliably (torch 2.11 stalled compiling it); random bits do.
+        bits = torch.randint(0, 2**31, (p.numel(),), dtype=torch.int32, device=p.device)  # [n]
+    else:
+        key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
+        bits = _hash31(torch.arange(p.numel(), dtype=torch.int32, device=p.device) * 0x27D4EB2F + key)  # [n]
     g = grad.float()
     m = exp_avg.float().lerp(g, 1 - beta1)
     v = exp_avg_sq.float() * beta2 + g * g * (1 - beta2)
