@@ -80,6 +80,18 @@ def test_overhead_line_states_the_cublas_workspaces(config, capsys):
             "64 MiB of cuBLAS workspaces):") in out
 
 
+@pytest.mark.parametrize("dtype,per_param", [("bf16", 4.0), ("fp32", 8.0)])
+def test_optimizer_states_are_stated_per_trainable_parameter(config, capsys, dtype, per_param):
+    # AdamW's two moments: bf16 (stochastically rounded) on bf16 weights, fp32 on fp32 weights. Wide
+    # enough that the allocator's 512-byte rounding of each state is lost in the first decimal.
+    assert cli_main.main(["estimate", "--config", config, "batch_size=1", f"dtype={dtype}", "model.embed_dim=512",
+                          "model.intermediate_dim=1024", "tokenizer.max_seq_len=64"]) == 0
+    out = capsys.readouterr().out
+    stated = re.search(r"^  optimizer states +[\d.]+ GiB  \(([\d.]+) bytes per trainable parameter\)$", out, re.M)
+    # the step counters (one 512-byte block each) add a little at this size
+    assert stated and per_param <= float(stated.group(1)) <= per_param + 0.15, out
+
+
 # docs/cli.md prints GiB to 2 decimals, the shipped-config table of docs/finetuning.md to 1: each figure
 # must be a fresh estimate rounded, within half a unit of its last digit (plus 0.001 for float noise).
 DOCS_TOLERANCE_GIB = 0.006

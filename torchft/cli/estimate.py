@@ -75,6 +75,14 @@ def _ranks(settings: dict) -> str:
             f"fp32_reduce {_on(settings['fp32_reduce'])})")
 
 
+def _per_param(kind: str, nbytes: int, settings: dict) -> str:
+    """The optimizer states' bytes per trainable parameter (each rank holds 1/N of them under FSDP2)."""
+    trainable = settings.get("trainable_params")
+    if kind != "optimizer_states" or not trainable or not nbytes:
+        return ""
+    return f"  ({nbytes * settings.get('nproc_per_node', 1) / trainable:.1f} bytes per trainable parameter)"
+
+
 def main(args: argparse.Namespace) -> int:
     from torchft.training.estimate import CUBLAS_WORKSPACE_BYTES, estimate_memory, parse_memory_size, ways_to_fit
 
@@ -98,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
           f"offloading {_on(s['activation_offloading'])}{_ranks(s)}")
     print(f"peak GPU memory (allocated): {_gib(estimate.peak_bytes)}")
     for kind, nbytes in estimate.breakdown.items():
-        print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}")
+        print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}{_per_param(kind, nbytes, s)}")
     if estimate.host_bytes:
         what = "offloaded activations and the cpu_offload state" if s.get("cpu_offload") else "offloaded activations"
         print(f"host (pinned CPU) memory for {what}: {_gib(estimate.host_bytes)}")

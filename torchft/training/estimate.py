@@ -157,7 +157,8 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
     for handle in handles:
         handle.remove()
     settings = {"batch_size": batch_size, "seq_len": seq_len, "gradient_accumulation_steps": gradient_accumulation_steps,
-                "activation_checkpointing": activation_checkpointing, "activation_offloading": offload_activations}
+                "activation_checkpointing": activation_checkpointing, "activation_offloading": offload_activations,
+                "trainable_params": sum(p.numel() for p in trainable)}
     return MemoryEstimate(tracker.peak_bytes, tracker.peak_breakdown(), tracker.peak_host_bytes, settings)
 
 

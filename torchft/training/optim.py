@@ -69,8 +69,8 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     step.add_(1 - found_inf)  # the bias corrections use this step's count
     if p.is_cuda:
         # On a GPU the noise comes from the device's generator, whose state a checkpoint saves with the
-        # run's other RNG states (a resumed run draws the same noise). The integer hash does not go
-        # through the GPU compiler reliably (torch 2.11 stalled compiling it); random bits do.
+        # run's other RNG states (a resumed run draws the same noise): random bits compile there as
+        # dropout's do, while the GPU compiler widened the hash's integers to 64 bits (torch 2.11).
         bits = torch.randint(0, 2**31, (p.numel(),), dtype=torch.int32, device=p.device)  # [n]
     else:
         key = step.to(torch.int32) * -1640531527 + seed  # [] a different noise pattern each step
