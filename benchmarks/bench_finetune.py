@@ -189,12 +189,14 @@ def _timeout(seconds: float) -> float | None:
 
 def run_peers(variants: list[str], tiny: bool, pythonpath: str | None, timeout_s: float) -> list[dict]:
     """The peer variants through the shared harness, in one fresh process (its own memory and compiler
-    state). ``pythonpath`` is prepended for the peers only (torchtune and the torchao it needs, kept apart
-    from torchft's)."""
+    state). ``pythonpath`` is prepended for torchtune's variants (``tt_*``) only (torchtune and the
+    torchao it needs, kept apart from torchft's)."""
     if not PEER_HARNESS.is_file():
         return [dict(peer=v, skipped=f"peer harness not found at {PEER_HARNESS}") for v in variants]
     env = dict(os.environ)
-    if pythonpath:
+    # torchtune's rows only: peft refuses the older torchao that torchtune needs, so the HF rows run
+    # with torchft's packages
+    if pythonpath and any(v.startswith("tt_") for v in variants):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     if tiny:
         env["OMP_NUM_THREADS"] = "1"  # toy runs on one CPU thread, as ours (steadier on a shared machine)

@@ -67,6 +67,26 @@ def test_a_row_running_past_the_budget_is_stopped():
     assert stopped["skipped"].startswith("failed: TimeoutError: stopped at the end of the budget")
 
 
+def test_only_torchtunes_rows_get_the_peers_packages(tmp_path, monkeypatch):
+    """torchtune needs an older torchao than peft accepts: the HF rows run without the peers' path."""
+    import bench_finetune
+
+    harness = tmp_path / "bench_peers.py"
+    harness.write_text("")
+    monkeypatch.setattr(bench_finetune, "PEER_HARNESS", harness)
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen[cmd[-1]] = env.get("PYTHONPATH", "")
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="")
+
+    monkeypatch.setattr(bench_finetune.subprocess, "run", fake_run)
+    monkeypatch.setenv("PYTHONPATH", "/site")
+    for variant in ("tt_lora_best", "hf_peft_lora"):
+        bench_finetune.run_peers([variant], tiny=False, pythonpath="/peersite", timeout_s=10)
+    assert seen == {"tt_lora_best": os.pathsep.join(["/peersite", "/site"]), "hf_peft_lora": "/site"}
+
+
 def test_compiled_graphs_do_not_carry_over_between_rows():
     from torch._dynamo.testing import CompileCounter
 
