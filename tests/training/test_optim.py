@@ -151,9 +151,14 @@ def test_a_non_finite_gradient_skips_the_update_on_the_device(kind):
     assert step(poison=False).item() == 0.0 and not torch.equal(model[0].weight, weights["0.weight"])
 
 
-def test_bf16_adamw_follows_fp32_when_the_gradient_scale_drops():
+@pytest.mark.parametrize("noise", ["hash", "generator"])
+def test_bf16_adamw_follows_fp32_when_the_gradient_scale_drops(noise, monkeypatch):
     # E[g^2] = 1 for 1000 steps, then 0.01. Rounded to nearest, bf16 exp_avg_sq could not decay by
     # 0.1% a step: 500 steps after the drop it was 1.7x fp32's, and the weights moved half as far.
+    # "generator": the noise GPUs draw from their random generator, here from the CPU's.
+    from torchft.training import optim
+
+    monkeypatch.setattr(optim, "_noise_from_generator", lambda p: noise == "generator")
     torch.manual_seed(0)
     init = torch.randn(2048).to(torch.bfloat16)
     bf16 = nn.Parameter(init.clone())

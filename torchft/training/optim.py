@@ -56,6 +56,11 @@ def _round_to_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def _noise_from_generator(p: torch.Tensor) -> bool:
+    """Whether ``p``'s rounding noise comes from its device's random generator (GPUs) or the hash."""
+    return p.is_cuda
+
+
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1: float, beta2: float,
                   eps: float, weight_decay: float) -> None:
     """One AdamW update of the bf16 ``p``, ``exp_avg`` and ``exp_avg_sq`` (all [n], in place), rounded
@@ -67,7 +72,7 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, found_inf, seed, beta1
     """
     keep = found_inf > 0
     step.add_(1 - found_inf)  # the bias corrections use this step's count
-    if p.is_cuda:
+    if _noise_from_generator(p):
         # On a GPU the noise comes from the device's generator, whose state a checkpoint saves with the
         # run's other RNG states (a resumed run draws the same noise): random bits compile there as
         # dropout's do, while the GPU compiler widened the hash's integers to 64 bits (torch 2.11).
