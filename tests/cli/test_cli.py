@@ -219,6 +219,20 @@ def test_validate_ok_and_all_problems_at_once(tmp_path, tiny):
     ]
 
 
+def test_validate_takes_the_config_as_tune_run_does(tiny):
+    _, config, _ = tiny
+    for override in ("optimizer.lr=0.5", "optimizer.lrr=0.5"):  # the second is refused
+        positional = tune("validate", config, override)
+        with_option = tune("validate", "--config", config, override)
+        assert (with_option.returncode, with_option.stdout, with_option.stderr) == (
+            positional.returncode, positional.stdout, positional.stderr)
+    assert positional.returncode == 1 and "optimizer.lrr" in positional.stderr
+    missing = tune("validate")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "tune: error: name the config to check: tune validate <config> [overrides] (or --config <config>)")
+
+
 def test_validate_refuses_unknown_override_and_reports_yaml_line(tmp_path, tiny):
     _, config, _ = tiny
     line = one_error_line(tune("validate", config, "optimizer.lrr=1e-4"))

@@ -32,8 +32,10 @@ def register(subparsers) -> None:
         description="Check a config (shipped name or YAML path) with optional key=value overrides.",
         epilog=EPILOG,
     )
-    parser.add_argument("config", help="config name (see `tune ls`) or YAML path")
+    parser.add_argument("config", nargs="?", help="config name (see `tune ls`) or YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value, +key=value or ~key")
+    # `tune run` and `tune estimate` take --config: the same spelling works here
+    parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the config, as in `tune run`")
     parser.add_argument(
         "--recipe",
         help="recipe whose keys to check against (default: the recipe a shipped config is registered under)",
@@ -44,6 +46,11 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.config_option is not None:  # then a first positional word is an override, not the config
+        args.overrides = [w for w in (args.config, *args.overrides) if w is not None]
+        args.config = args.config_option
+    if args.config is None:
+        raise ValueError("name the config to check: tune validate <config> [overrides] (or --config <config>)")
     cfg = load_config(args.config, args.overrides)
     recipe = registry.get_recipe(args.recipe) if args.recipe else None
     if recipe is None:
