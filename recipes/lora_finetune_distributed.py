@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
+from torchft.checkpoint import load_training_state, resolve_resume_dir
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.modules.peft import get_adapter_params, set_trainable_params
@@ -131,12 +131,10 @@ def main(cfg: DictConfig) -> None:
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
         is_main_process=env.is_main_process, any_rank=partial(any_rank, group=env.cpu_group))
-    # every start check passed: the run writes from here on (the config, the overwritten run's deletion)
+    # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an
+    # abandoned run's later folders set aside)
     start_writing(cfg, output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
-                  resuming=resumed is not None, log=log, is_main_process=env.is_main_process)
-    # After every start check: the step folders a resumed run abandons go aside (runs never mix).
-    if resumed is not None and env.is_main_process:
-        set_aside_later_steps(output_dir, step)
+                  resumed_step=None if resumed is None else step, log=log, is_main_process=env.is_main_process)
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
     metric_logger.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from torchft.checkpoint import load_training_state, resolve_resume_dir, set_aside_later_steps
+from torchft.checkpoint import load_training_state, resolve_resume_dir
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.data.dataloader import build_dataloader
 from torchft.training.activations import apply_activation_checkpointing
@@ -114,13 +114,11 @@ def main(cfg: DictConfig) -> None:
         validate=None if val_loader is None else partial(validation_loss, model, val_loader, loss_fn, device),
         flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
         last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True))
-    # every start check passed: the run writes from here on (the config, the overwritten run's deletion)
+    # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an
+    # abandoned run's later folders set aside)
     start_writing(cfg, output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
-                  resuming=resumed is not None, log=log)
+                  resumed_step=None if resumed is None else step, log=log)
     warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
-    # After every start check: the step folders a resumed run abandons go aside (runs never mix).
-    if resumed is not None:
-        set_aside_later_steps(output_dir, step)
     model.train()
     loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
 

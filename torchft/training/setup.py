@@ -191,19 +191,24 @@ def delete_earlier_steps(output_dir, log) -> None:
         shutil.rmtree(path)
 
 
-def start_writing(cfg, output_dir, metric_logger, *, overwrite: bool, resuming: bool, log,
+def start_writing(cfg, output_dir, metric_logger, *, overwrite: bool, resumed_step: int | None, log,
                   is_main_process: bool = True) -> None:
     """Called once every start check has passed, right before training: only now does the run write.
 
-    A fresh run with ``overwrite`` first deletes an earlier run's step folders (main process only); then
-    the resolved config goes to ``<output_dir>/torchft_config.yaml`` and to the metric logger. A run
-    refused before this point has changed nothing, not even the saved config of the run it met.
+    A fresh run with ``overwrite`` first deletes an earlier run's step folders; a run resumed from
+    ``resumed_step`` sets aside the later step folders of the run it abandons (both on the main process
+    only). Then the resolved config goes to ``<output_dir>/torchft_config.yaml`` and to the metric
+    logger. A run refused before this point has changed nothing, not even the saved config of the run
+    it met.
     """
     from omegaconf import OmegaConf
 
+    from torchft.checkpoint import set_aside_later_steps
     from torchft.config import log_and_save_config
 
-    if is_main_process and overwrite and not resuming:
+    if is_main_process and overwrite and resumed_step is None:
         delete_earlier_steps(output_dir, log)
+    if is_main_process and resumed_step is not None:  # runs never mix: later folders go aside, kept
+        set_aside_later_steps(output_dir, resumed_step)
     log_and_save_config(cfg, output_dir)
     metric_logger.log_config(OmegaConf.to_container(cfg, resolve=True))
