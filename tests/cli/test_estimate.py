@@ -114,6 +114,8 @@ def _quoted_runs(page: Path):
             for label, kind in (("weights", "weights"), ("NF4 base weights", "nf4_base")):
                 if quoted := re.search(rf"^  {label} +([\d.]+) GiB", text, re.M):
                     figures[kind] = float(quoted.group(1))
+            if quoted := re.search(r"^  optimizer states .*\(([\d.]+) bytes per trainable parameter\)", text, re.M):
+                figures["optimizer_bytes_per_param"] = float(quoted.group(1))
         if fix := re.search(r"fits with: (.*) \(peak ([\d.]+) GiB, needed ([\d.]+) GiB\)", text):
             overrides += fix.group(1).split()
             figures.update(peak=float(fix.group(2)), needed=float(fix.group(3)))
@@ -136,6 +138,9 @@ def test_docs_quote_what_estimate_gives():
     for config, overrides, figures in runs:
         estimate = estimate_memory(config, overrides)
         actual = {"peak": estimate.peak_bytes, "needed": estimate.needed_bytes, **estimate.breakdown}
+        if (per_param := figures.pop("optimizer_bytes_per_param", None)) is not None:  # printed to 1 decimal
+            stated = estimate.breakdown["optimizer_states"] / estimate.settings["trainable_params"]
+            assert abs(stated - per_param) <= 0.051, (config, stated, per_param)
         for what, quoted in figures.items():
             assert abs(actual[what] / GIB - quoted) <= DOCS_TOLERANCE_GIB, (config, overrides, what, quoted)
         if not overrides:  # the same config's row in the table of shipped configs
