@@ -181,8 +181,12 @@ def test_bf16_adamw_follows_fp32_when_the_gradient_scale_drops(noise, monkeypatc
     assert moved_bf16 / moved_fp32 == pytest.approx(1.0, abs=0.05)
 
 
-def test_one_compiled_update_serves_every_weight_shape():
+def test_one_compiled_update_serves_every_weight_shape(monkeypatch):
     from torch._dynamo.utils import counters
+
+    from torchft.training import _cpu_adamw
+
+    monkeypatch.setattr(_cpu_adamw, "available", lambda: False)  # the compiled update (GPUs; CPUs without cc)
 
     torch._dynamo.reset()  # count from an empty cache
     compiled_before = counters["stats"]["unique_graphs"]
@@ -288,3 +292,29 @@ def test_rounding_noise_is_the_same_in_32_and_64_bit_integers_and_unbiased():
         assert noise.min() >= 0 and noise.max() < 2**16
         assert abs(noise.mean().item() / (2**16 - 1) - 0.5) < 2e-3  # uniform: mean (2**16 - 1) / 2
         assert abs(noise.std().item() / 2**16 - 12 ** -0.5) < 2e-3
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_cpu_loop_updates_bit_for_bit_as_the_eager_update(weight_decay, monkeypatch):
+    """The C loop that runs the bf16 AdamW on the CPU (split over threads for a large weight) gives
+    the eager update's weights, moments and step count exactly, gradient scale changes included."""
+    from torchft.training import _cpu_adamw, optim
+
+    assert _cpu_adamw.available()  # a C compiler is on the PATH here: the loop must build
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three chunks of a tensor past _CHUNK
+    torch.manual_seed(0)
+    n = _cpu_adamw._CHUNK + 1001
+    state = [torch.randn(n).to(torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16),
+             torch.zeros(n, dtype=torch.bfloat16)]  # weight, exp_avg, exp_avg_sq
+    eager = [t.clone() for t in state]
+    steps, eager_steps, lr = torch.zeros(()), torch.zeros(()), torch.tensor(1e-3)
+    for k in range(4):
+        grad = (torch.randn(n) * 10.0**-k).to(torch.bfloat16)
+        found_inf = torch.tensor(float(k == 2))  # the third step is skipped
+        _cpu_adamw.sr_adamw_update(*state[:1], grad, *state[1:], steps, lr, found_inf, 7, 0.9, 0.999, 1e-8,
+                                   weight_decay)
+        optim._adamw_update(*eager[:1], grad, *eager[1:], eager_steps, lr, found_inf, 7, 0.9, 0.999, 1e-8,
+                            weight_decay)
+        for name, got, want in zip(("weight", "exp_avg", "exp_avg_sq"), state, eager):
+            assert torch.equal(got, want), (k, name, (got != want).sum().item())
+    assert steps.item() == eager_steps.item() == 3.0
