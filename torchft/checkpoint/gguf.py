@@ -11,7 +11,6 @@ stay f32; the rest is f16, bf16 or q8_0 (blocks of 32 with one f16 scale, llama.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchft.checkpoint._io import CheckpointError, atomic_file, require_dir
+from torchft.checkpoint._io import atomic_file, require_dir
 
 DTYPES = ("f16", "bf16", "q8_0")
 
@@ -172,4 +171,4 @@ def export_gguf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dt
     return output
 
 
-__all__ = ["DTYPES", "export_gguf", "gguf_tensor_name", "interleave_rotary", "llama3_rope_factors", "CheckpointError"]
+__all__ = ["DTYPES", "export_gguf", "gguf_tensor_name", "interleave_rotary", "llama3_rope_factors"]
