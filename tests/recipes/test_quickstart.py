@@ -43,6 +43,29 @@ def test_lora_quickstart_halves_the_validation_loss_and_loads_in_peft(tmp_path, 
         with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                                  step / "adapter")(tokens).logits
     torch.testing.assert_close(with_adapter, merged, rtol=1e-4, atol=1e-4)
+    _gguf_generates_the_same_text(step, tmp_path / "model.gguf")
+
+
+def _gguf_generates_the_same_text(step, gguf_path):
+    """docs/export.md's round trip: the step folder as GGUF, loaded by transformers, answers as the folder does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchft.cli.main import main as tune
+    from torchft.data.tokenizers import model_tokenizer
+
+    assert tune(["export", "--checkpoint_dir", str(step), "--format", "gguf", "--dtype", "f16",
+                 "--output", str(gguf_path)]) == 0
+    chat = [{"role": "user", "content": "Add the two numbers. 3 + 4"}]
+    ours = model_tokenizer(str(step))
+    prompt, _ = ours.tokenize_messages(chat, add_generation_prompt=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    assert list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)) == prompt
+    texts = []
+    for model in (AutoModelForCausalLM.from_pretrained(step),
+                  AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=ours.stop_tokens)
+        texts.append(ours.decode(out[0, len(prompt):].tolist()))
+    assert texts[0] == texts[1] and texts[0].strip()
 
 
 def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):

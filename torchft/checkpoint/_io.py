@@ -146,7 +146,12 @@ SUPPORT_FILE_PATTERNS = (
 
 
 def copy_support_files(src_dir: str | os.PathLike | None, dst_dir: Path) -> list[str]:
-    """Copy tokenizer / generation files (``SUPPORT_FILE_PATTERNS``) from ``src_dir``; return their names."""
+    """Copy tokenizer / generation files (``SUPPORT_FILE_PATTERNS``) from ``src_dir``; return their names.
+
+    A folder whose tokenizer is only Meta's ``tokenizer.model`` (tiktoken or sentencepiece) also gets the
+    HF files written from it (``tokenizer.json``, ``tokenizer_config.json`` with the chat template, ...), so
+    ``AutoTokenizer`` and inference engines load it as torchft tokenizes.
+    """
     if src_dir is None:
         return []
     src_dir = require_dir(src_dir, "folder to copy tokenizer files from")
@@ -161,7 +166,9 @@ def copy_support_files(src_dir: str | os.PathLike | None, dst_dir: Path) -> list
             (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst_dir / rel)
             copied.append(str(rel))
-    return copied
+    from torchft.data.tokenizers.hf_files import write_hf_tokenizer_files
+
+    return copied + write_hf_tokenizer_files(dst_dir)
 
 
 _SIZE_UNITS = {

@@ -1,6 +1,6 @@
 """Entry point of the ``tune`` console script: parse the subcommand, run it, turn errors into one line.
 
-Each subcommand lives in its own module (run, ls, cp, cat, validate, download, estimate) as a thin layer over a
+Each subcommand lives in its own module (run, ls, cp, cat, validate, download, estimate, export) as a thin layer over a
 library function. Nothing here imports torch: ``tune --help`` and ``tune ls`` answer at once.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ import os
 import sys
 from typing import Sequence
 
-from torchft.cli import cat, cp, download, estimate, ls, run, validate
+from torchft.cli import cat, cp, download, estimate, export, ls, run, validate
 from torchft.cli._common import TuneParser
 from torchft.config._load import did_you_mean
 from torchft.config._recipe import debug_enabled, exit_with_error
 
-COMMANDS = ["run", "ls", "cp", "cat", "validate", "download", "estimate"]
+COMMANDS = ["run", "ls", "cp", "cat", "validate", "download", "estimate", "export"]
 
 EPILOG = """\
 examples:
@@ -26,6 +26,7 @@ examples:
   tune validate my_lora.yaml optimizer.lr=1e-4     check a config (and overrides) without running it
   tune estimate --config my_lora.yaml --gpu-memory 24GiB   predicted peak GPU memory, and what makes it fit
   tune run lora_finetune_single_device --config my_lora.yaml max_steps=100
+  tune export --checkpoint_dir out/step_500 --format gguf --dtype q8_0 --output model.gguf
   tune run --nproc_per_node 2 my_fsdp_recipe.py --config my_config.yaml   (a recipe that supports torchrun)
 
 add --debug (or set TUNE_DEBUG=1) to see the full traceback of an error.
@@ -41,7 +42,7 @@ def build_parser() -> TuneParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors (or TUNE_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=TuneParser)
-    for module in (run, ls, cp, cat, validate, download, estimate):
+    for module in (run, ls, cp, cat, validate, download, estimate, export):
         module.register(subparsers)
     return parser
 

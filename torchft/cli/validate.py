@@ -20,6 +20,9 @@ left, and, when the recipe is known, no top-level key is unknown to it. For a fi
 checkpoint folder (checkpointer.checkpoint_dir) must exist and hold its config and weight files, and the
 model the config builds must have its architecture (read from config.json; no weight is loaded);
 --skip-checkpoint leaves the folder out (e.g. before downloading the model).
+--for vllm FOLDER checks a model folder instead (a step folder, an HF folder or a LoRA adapter folder)
+against what vLLM serves: a Llama config, the tokenizer, the weights (lm_head unless tied), and for the
+adapter a rank of at most 512, LoRA on q/k/v/o/gate/up/down only, no modules_to_save, no DoRA, no biases.
 exit status: 0 when valid, 1 when a problem was found (each printed on its own line).
 """
 
@@ -40,12 +43,31 @@ def register(subparsers) -> None:
         "--recipe",
         help="recipe whose keys to check against (default: the recipe a shipped config is registered under)",
     )
+    parser.add_argument("--for", dest="engine", choices=["vllm"],
+                        help="check a model folder (given in place of the config) for this inference engine")
     parser.add_argument("--skip-checkpoint", action="store_true",
                         help="do not look at checkpointer.checkpoint_dir (files, architecture)")
     parser.set_defaults(func=main)
 
 
+def _report(name: str, problems: list[str], checked: str) -> int:
+    if problems:
+        noun = "problem" if len(problems) == 1 else "problems"
+        print(f"tune validate: {name}: {len(problems)} {noun}", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"OK: {name}{checked}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from torchft.checkpoint.vllm_check import vllm_problems
+
+        if args.config is None or args.overrides:
+            raise ValueError("name one folder to check: tune validate --for vllm <folder>")
+        return _report(args.config, vllm_problems(args.config), " (vLLM can serve it)")
     if args.config_option is not None:  # then a first positional word is an override, not the config
         args.overrides = [w for w in (args.config, *args.overrides) if w is not None]
         args.config = args.config_option
@@ -66,15 +88,8 @@ def main(args: argparse.Namespace) -> int:
         faulty = {problem.split(":")[0].split(".")[0] for problem in problems}
         if "checkpointer" not in faulty:
             problems += checkpoint_problems(cfg, compare_model="model" not in faulty)
-    if problems:
-        noun = "problem" if len(problems) == 1 else "problems"
-        print(f"tune validate: {args.config}: {len(problems)} {noun}", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
     if recipe is not None:
         checked = f" (keys checked against recipe {recipe.name})"
     else:
         checked = " (top-level keys not checked: pass --recipe NAME)"
-    print(f"OK: {args.config}{checked}")
-    return 0
+    return _report(args.config, problems, checked)

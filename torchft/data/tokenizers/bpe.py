@@ -13,8 +13,8 @@ from typing import Iterable
 from torchft.data.tokenizers.llama3 import LLAMA3_PATTERN, write_ranks
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Map the printable characters byte-level BPE uses for each byte back to the byte value."""
+def byte_level_chars() -> list[str]:
+    """The printable character byte-level BPE writes for each byte value (index = byte)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = {b: chr(b) for b in printable}
     extra = 0
@@ -22,7 +22,12 @@ def _byte_level_alphabet() -> dict[str, int]:
         if b not in chars:
             chars[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in chars.items()}
+    return [chars[b] for b in range(256)]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Map the printable characters byte-level BPE uses for each byte back to the byte value."""
+    return {c: b for b, c in enumerate(byte_level_chars())}
 
 
 def train_llama3_ranks(texts: Iterable[str], num_merges: int, path: str | None = None) -> dict[bytes, int]:

@@ -1,0 +1,50 @@
+"""``tune export``: a step folder (or any Llama HF folder) to an inference engine's file format."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from torchft.cli._common import add_subcommand
+
+FORMATS = ("gguf", "executorch")
+
+EPILOG = """\
+examples:
+  tune export --checkpoint_dir out/step_500 --format gguf --dtype q8_0 --output model-q8_0.gguf
+  llama-cli -m model-q8_0.gguf        (llama.cpp; `ollama create` takes the file too)
+
+gguf: architecture llama with llama.cpp's tensor names, the tokenizer, special tokens and chat template
+embedded; --dtype f16, bf16 or q8_0 for the matrices (norms stay f32). A LoRA step folder exports its
+merged weights. The file is written under a temporary name and renamed when complete.
+exit status: 0 when written, 1 with one line naming the problem otherwise.
+"""
+
+
+def register(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "export",
+        help="write a model folder as a GGUF file (llama.cpp, Ollama)",
+        description="Export a Llama HF folder (a step folder) to an inference engine's format.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--checkpoint_dir", required=True, help="the HF folder to export (e.g. <output_dir>/step_<N>)")
+    parser.add_argument("--format", default="gguf", help=f"one of {', '.join(FORMATS)} (default gguf)")
+    parser.add_argument("--dtype", default="f16", help="gguf: f16 (default), bf16 or q8_0")
+    parser.add_argument("--output", required=True, help="the file to write")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.format == "executorch":
+        if importlib.util.find_spec("executorch") is None:
+            raise ValueError("--format executorch needs the executorch package (pip install executorch, "
+                             "with a torch release it supports); --format gguf needs nothing more")
+        raise ValueError("--format executorch is not available in this version of torchft; use --format gguf")
+    if args.format != "gguf":
+        raise ValueError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
+    from torchft.checkpoint.gguf import export_gguf
+
+    path = export_gguf(args.checkpoint_dir, args.output, dtype=args.dtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
+    return 0
