@@ -22,11 +22,11 @@ from torchft.training.distributed_steps import sharded_optimizer_step, sharded_v
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.setup import check_tokenizer_fits, start_writing
-from torchft.training.steps import StepResult, total_training_steps
+from torchft.training.steps import StepResult
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, log_model, make_loop,
-                                     resume_sharded, run_identity_checked, sharded_save, start_run, train,
-                                     trainable_params)
+                                     resume_sharded, run_identity_checked, run_length, sharded_save, start_run,
+                                     train, trainable_params)
 
 log = logging.getLogger("torchft")
 RECIPE = "full_finetune_distributed"
@@ -60,8 +60,8 @@ def main(cfg: DictConfig) -> None:
         instantiate(cfg.dataset, tokenizer=tokenizer),
         None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
         local_batch, run, seed=cfg.seed, pad_id=tokenizer.pad_id, shuffle=cfg.get("shuffle", True))
-    total_steps = total_training_steps(cfg.get("max_steps"), cfg.get("epochs"), len(loader),
-                                       cfg.gradient_accumulation_steps)
+    total_steps = run_length(run, cfg.get("max_steps"), cfg.get("epochs"), len(loader),
+                             cfg.gradient_accumulation_steps)  # a resume past it is refused here
 
     # ------------------------------------------------------------------ setup: optimization and logging
     optimizer = instantiate(cfg.optimizer, trainable_params(model))

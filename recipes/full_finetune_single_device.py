@@ -20,11 +20,11 @@ from torchft.training.optim import OptimizerInBackward
 from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (StepResult, optimizer_step, total_training_steps,
+from torchft.training.steps import (StepResult, optimizer_step,
                                     validation_loss)
 from torchft.training.throughput import model_flops_per_token
-from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, start_run, train,
-                                     trainable_params)
+from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, run_length,
+                                     start_run, train, trainable_params)
 
 log = logging.getLogger("torchft")
 
@@ -55,8 +55,8 @@ def main(cfg: DictConfig) -> None:
         instantiate(cfg.dataset, tokenizer=tokenizer),
         None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
         cfg.batch_size, run, seed=cfg.seed, pad_id=tokenizer.pad_id, shuffle=cfg.get("shuffle", True))
-    total_steps = total_training_steps(cfg.get("max_steps"), cfg.get("epochs"), len(loader),
-                                       cfg.gradient_accumulation_steps)
+    total_steps = run_length(run, cfg.get("max_steps"), cfg.get("epochs"), len(loader),
+                             cfg.gradient_accumulation_steps)  # a resume past it is refused here
 
     # ------------------------------------------------------------------ setup: optimization and logging
     if in_backward:  # the same AdamW settings, applied per weight from its gradient hook

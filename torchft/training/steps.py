@@ -256,6 +256,13 @@ def total_training_steps(max_steps: int | None, epochs: float | None, batches_pe
     return min(candidates)
 
 
+def check_resume_step(start_step: int, total_steps: int) -> None:
+    """A run resumed at ``start_step`` must have steps left before its last one (``total_steps``)."""
+    if start_step > total_steps:
+        raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
+                         f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
+
+
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy, optimizer,
                    lr_scheduler, *, max_grad_norm: float | None = None, offload_activations: bool = False,
                    num_target_tokens: int | torch.Tensor | None = None) -> StepResult:

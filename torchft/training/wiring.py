@@ -80,6 +80,18 @@ def start_run(output_dir, resume_from_checkpoint, device: str, dtype: str, *, se
     return Run(output_dir, resolved, resolve_dtype(dtype, resolved), resume_dir, resumed, env)
 
 
+def run_length(run: Run, max_steps: int | None, epochs: float | None, batches_per_epoch: int,
+               gradient_accumulation_steps: int) -> int:
+    """The run's last step (``max_steps``, ``epochs`` worth, or the smaller); a resumed run whose step is
+    already past it is refused here, before anything (the metric logs included) is written."""
+    from torchft.training.steps import check_resume_step, total_training_steps
+
+    total = total_training_steps(max_steps, epochs, batches_per_epoch, gradient_accumulation_steps)
+    if run.resumed is not None:
+        check_resume_step(int(run.resumed["step"]), total)
+    return total
+
+
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
