@@ -21,8 +21,11 @@ WORKER = Path(__file__).with_name("_worker.py")
 def test_global_batch_must_divide_by_the_world_size():
     assert per_rank_batch_size(8, 2) == 4
     with pytest.raises(ValueError, match=r"batch_size \(6\) is the global batch and must be divisible by the world "
-                                         r"size \(4\); world sizes that work: 1, 2, 3, 6"):
+                                         r"size \(4\); nearest batch sizes that work: 4 or 8; world sizes that work: "
+                                         r"1, 2, 3, 6$"):
         per_rank_batch_size(6, 4)
+    with pytest.raises(ValueError, match=r"nearest batch sizes that work: 8; world sizes that work: 1, 3$"):
+        per_rank_batch_size(3, 8)
 
 
 def test_nf4_shard_rule_names_the_layer_its_shape_and_the_counts_that_work():
@@ -57,7 +60,7 @@ def test_tune_run_refuses_more_processes_than_gpus_and_an_indivisible_batch(caps
                           "device=cpu (gloo)\n") if not torch.cuda.is_available() else
         (["device=cuda"], f"tune: error: --nproc_per_node ({torch.cuda.device_count() + 1})"),
         (["batch_size=3"], "tune: error: batch_size (3) is the global batch and must be divisible by the world size "
-                           "(2); world sizes that work: 1, 3\n"),
+                           "(2); nearest batch sizes that work: 2 or 4; world sizes that work: 1, 3\n"),
     ):
         args = list(run)
         if torch.cuda.is_available() and overrides == ["device=cuda"]:
