@@ -168,8 +168,9 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused_before_any_work(lora_runs
     result = launch("lora_finetune_distributed", "quickstart/lora_distributed",
                     tiny_overrides(used, base, *data, ["seed=7"]))
     assert result.returncode == 1
-    assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue it with " \
-           "resume_from_checkpoint=latest" in result.stderr
+    refusal = f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue " \
+              "it with resume_from_checkpoint=latest"
+    assert result.stderr.count(refusal) == 1  # said once (by rank 0), not once per rank
     assert (used / "out" / "step_4" / "distributed" / ".metadata").is_file()  # nothing saved is lost
     # and nothing written: the finished run's saved config is still its own (seed 0, not the refused run's 7)
     assert {name: (used / "out" / name).read_bytes() for name in saved} == saved
