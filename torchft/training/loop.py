@@ -128,9 +128,10 @@ class TrainingLoop:
             print(message)
 
     def _validate(self, step: int, progress: ProgressBar | None) -> None:
-        val = self.validate()
-        self._log({"val_loss": val}, step)
-        self._write(progress, f"step {step}: validation loss {val:.4f}")
+        val = self.validate()  # the loss, or {"loss": ..., other metrics} (logged as val_<name>)
+        metrics = {f"val_{name}": value for name, value in (val if isinstance(val, dict) else {"loss": val}).items()}
+        self._log(metrics, step)
+        self._write(progress, f"step {step}: validation loss {metrics['val_loss']:.4f}")
 
     def _step_metrics(self, result: StepResult, seconds: float, seq_len: int, lr: float) -> dict:
         """The logged metrics of a step: the only place the loop reads values back from the device.
@@ -147,6 +148,7 @@ class TrainingLoop:
                    "target_tokens_per_s": target_tokens / max(seconds, 1e-9)}
         if self.flops_per_token is None:
             metrics.pop("mfu", None)
+        metrics.update({name: float(value) for name, value in (result.metrics or {}).items()})
         return metrics
 
     # ------------------------------------------------------------------ the loop

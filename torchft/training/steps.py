@@ -29,7 +29,8 @@ class StepResult:
     logged). ``num_target_tokens``: tokens that carried a loss; ``num_tokens``: all tokens fed to the
     model (padding excluded), for tokens/s and MFU. ``grad_norm``: [] the gradient norm before
     clipping. ``found_inf``: [] 1.0 when the loss or a gradient was NaN/infinite (the update was
-    skipped on the device), else 0.0.
+    skipped on the device), else 0.0. ``metrics``: more [] values to log under their names (read back
+    only on logging steps), e.g. DPO's ``rewards/accuracies``.
     """
 
     loss: torch.Tensor
@@ -37,6 +38,7 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     num_tokens: int | torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
 
 
 class NonFiniteLossError(RuntimeError):
