@@ -12,32 +12,21 @@ this or another world size. The file reads top to bottom: setup, loop, save.
 """
 import logging
 from functools import partial
-from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from torchft.checkpoint import load_training_state, resolve_resume_dir
 from torchft.config import check_start, instantiate, recipe_main
-from torchft.data.dataloader import build_dataloader
-from torchft.modules.peft import get_adapter_params, set_trainable_params
-from torchft.training.activations import apply_activation_checkpointing
-from torchft.training.compile import compile_layers
-from torchft.training.distributed import (any_rank, check_loaded, check_nf4_shardable,
-                                          init_distributed, load_sharded_weights, local_bytes, per_rank_batch_size,
-                                          shard_model)
+from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.distributed_steps import sharded_optimizer_step, sharded_validation_loss
-from torchft.training.distributed_checkpoint import (DCP_DIR, check_same_run, load_trainable_state, recipe_state,
-                                                     restore_recipe_state, run_identity, save_sharded_step)
-from torchft.training.loop import TrainingLoop
+from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
-from torchft.training.precision import resolve_dtype
-from torchft.training.rng import seed_everything
-from torchft.training.setup import (check_same_architecture, check_tokenizer_fits, default_dtype, model_args_summary,
-                                    start_writing)
-from torchft.training.steps import StepResult, total_training_steps
+from torchft.training.setup import check_tokenizer_fits, start_writing
+from torchft.training.steps import StepResult
 from torchft.training.throughput import model_flops_per_token
+from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, log_model, make_loop,
+                                     resume_sharded, run_identity_checked, run_length, sharded_save, start_run,
+                                     train, trainable_params)
 
 log = logging.getLogger("torchft")
 RECIPE = "lora_finetune_distributed"
@@ -49,71 +38,40 @@ def main(cfg: DictConfig) -> None:
                            replicas=cfg.get("replicas", 1), recipe=RECIPE)
     check_start(cfg)  # all a run refuses before any work, as `tune validate` reports it; nothing written yet
     local_batch = per_rank_batch_size(cfg.batch_size, env.world_size)
-    output_dir = Path(cfg.output_dir)
-    dtype = resolve_dtype(cfg.dtype, env.device)
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(cfg.cpu_threads)
-    seed_everything(cfg.seed)  # the same seed on every rank: the same fresh adapters everywhere
+    run = start_run(cfg.output_dir, cfg.get("resume_from_checkpoint"), cfg.device, cfg.dtype, seed=cfg.seed,
+                    cpu_threads=cfg.get("cpu_threads"), env=env)
 
-    # ------------------------------------------------------------------ setup: model
-    resume_dir = resolve_resume_dir(cfg.get("resume_from_checkpoint"), output_dir)
-    resumed = load_training_state(resume_dir) if resume_dir is not None else None
-    if env.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
+    # ------------------------------------------------------------------ setup: model (each rank its shards)
+    if run.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
         instantiate(cfg.base_model)
     dist.barrier()
     checkpointer = instantiate(cfg.checkpointer)
-
-    with torch.device("meta"), default_dtype(dtype):
-        model = instantiate(cfg.model)  # a lora_* / qlora_* builder
-    check_same_architecture(model.args, checkpointer.model_args, cfg.checkpointer.checkpoint_dir)
-    check_nf4_shardable(model, env.shard_count)
-    run = run_identity(RECIPE, model)
-    if resumed is not None:
-        check_same_run(resumed.get("run"), run, resume_dir)
-    if cfg.enable_activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.compile:
-        compile_layers(model)
-    # Weights are stored in ``dtype`` and computed in it; gradients optionally reduced in fp32.
-    shard_model(model, env.mesh, reduce_dtype=torch.float32 if cfg.get("fp32_reduce", False) else None,
-                cpu_offload=cfg.get("cpu_offload", False))
-    load_sharded_weights(model, checkpointer.load_model_state_dict(), env.device, dtype, fresh_adapters=True)
-    check_loaded(model)
-    set_trainable_params(model, get_adapter_params(model))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if env.is_main_process:
-        log.info("model: %s; %.2fM trainable of %.2fM parameters; %d ranks, %.1f MiB of weights on rank 0",
-                 model_args_summary(model.args), sum(p.numel() for p in trainable) / 1e6,
-                 sum(p.numel() for p in model.parameters()) / 1e6, env.world_size, local_bytes(model) / 2**20)
+    model = build_sharded_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
+                                activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
+                                fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False))
+    identity = run_identity_checked(RECIPE, model, run)
+    log_model(model, run)
 
     # ------------------------------------------------------------------ setup: data (each rank its share)
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
-    ranks = dict(rank=env.rank, world_size=env.world_size, pad_id=tokenizer.pad_id, device=env.device)
-    loader = build_dataloader(instantiate(cfg.dataset, tokenizer=tokenizer), local_batch,
-                              shuffle=cfg.get("shuffle", True), seed=cfg.seed, **ranks)
-    val_loader = None
-    if cfg.get("validation_dataset") is not None:
-        val_loader = build_dataloader(instantiate(cfg.validation_dataset, tokenizer=tokenizer), local_batch,
-                                      shuffle=False, drop_last=False, **ranks)
-    accum = cfg.gradient_accumulation_steps
-    total_steps = total_training_steps(cfg.get("max_steps"), cfg.get("epochs"), len(loader), accum)
+    val_dataset = cfg.get("validation_dataset")
+    loader, val_loader = build_loaders(
+        instantiate(cfg.dataset, tokenizer=tokenizer),
+        None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
+        local_batch, run, seed=cfg.seed, pad_id=tokenizer.pad_id, shuffle=cfg.get("shuffle", True))
+    total_steps = run_length(run, cfg.get("max_steps"), cfg.get("epochs"), len(loader),
+                             cfg.gradient_accumulation_steps)  # a resume past it is refused here
 
     # ------------------------------------------------------------------ setup: optimization and logging
-    optimizer = instantiate(cfg.optimizer, trainable)
+    optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = instantiate(cfg.loss, compile=cfg.compile)
-    step = 0
-    if resumed is not None:  # adapters and optimizer from the DCP shards, resharded to this world size
-        load_trainable_state(model, optimizer, resume_dir / DCP_DIR, adapters_only=True)
-        step = restore_recipe_state(resumed, lr_scheduler, loader, cfg.batch_size)
-        if env.is_main_process:
-            log.info("resumed from %s at step %d", resume_dir, step)
-
-    def save(step: int) -> str:
-        state = recipe_state(step, lr_scheduler, loader, run, cfg.batch_size)
-        return str(save_sharded_step(step, checkpointer, model, optimizer, state, adapters_only=True,
-                                     is_main=env.is_main_process))
+    # a resumed run: adapters and optimizer from the DCP shards, resharded to this world size
+    step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=True,
+                          global_batch_size=cfg.batch_size)
+    save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
+                        adapters_only=True, global_batch_size=cfg.batch_size)
 
     # ------------------------------------------------------------------ loop
     def train_step(micro_batches: list[dict], step: int) -> StepResult:
@@ -121,23 +79,18 @@ def main(cfg: DictConfig) -> None:
                                       max_grad_norm=cfg.get("clip_grad_norm"),
                                       offload_activations=cfg.get("enable_activation_offloading", False))
 
-    metric_logger = instantiate(cfg.metric_logger) if env.is_main_process else MetricLogger()
-    loop = TrainingLoop(
-        total_steps, save, metric_logger, env.device, start_step=step, gradient_accumulation_steps=accum,
-        save_every_n_steps=cfg.save_every_n_steps, log_every_n_steps=cfg.get("log_every_n_steps", 1),
-        eval_every_n_steps=cfg.get("eval_every_n_steps"),
-        validate=None if val_loader is None else partial(sharded_validation_loss, model, val_loader, loss_fn,
-                                                         env.device),
-        flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
-        last_checkpoint=resume_dir, progress_bar=cfg.get("progress_bar", True),
-        is_main_process=env.is_main_process, any_rank=partial(any_rank, group=env.cpu_group))
+    metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
+    loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
+                     validate=None if val_loader is None else partial(sharded_validation_loss, model, val_loader,
+                                                                      loss_fn, run.device),
+                     flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
+                     **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an
     # abandoned run's later folders set aside)
-    start_writing(cfg, output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
-                  resumed_step=None if resumed is None else step, log=log, is_main_process=env.is_main_process)
-    model.train()
-    loop.run(loader, train_step, lr=lambda: float(optimizer.param_groups[0]["lr"]))  # a stop: saves, exits
-    metric_logger.close()
+    start_writing(cfg, run.output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
+                  resumed_step=None if run.resumed is None else step, log=log, is_main_process=run.is_main_process)
+    warn_if_over_memory(cfg, run.device)  # one line on CUDA when the estimated peak exceeds free memory
+    train(loop, model, loader, train_step, optimizer, metric_logger)  # a stop: saves, exits
     dist.destroy_process_group()
 
 

@@ -138,6 +138,16 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="lora_dpo_single_device",
+        file_path="lora_dpo_single_device.py",
+        supports_distributed=False,
+        configs=_configs(
+            "quickstart/lora_dpo_single_device",
+            "llama3_2/1B_lora_dpo_single_device",
+            "llama3_1/8B_lora_dpo_single_device",
+        ),
+    ),
+    Recipe(
         name="eleuther_eval",
         file_path="eleuther_eval.py",
         supports_distributed=False,

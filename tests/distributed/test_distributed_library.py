@@ -21,8 +21,11 @@ WORKER = Path(__file__).with_name("_worker.py")
 def test_global_batch_must_divide_by_the_world_size():
     assert per_rank_batch_size(8, 2) == 4
     with pytest.raises(ValueError, match=r"batch_size \(6\) is the global batch and must be divisible by the world "
-                                         r"size \(4\); world sizes that work: 1, 2, 3, 6"):
+                                         r"size \(4\); nearest batch sizes that work: 4 or 8; world sizes that work: "
+                                         r"1, 2, 3, 6$"):
         per_rank_batch_size(6, 4)
+    with pytest.raises(ValueError, match=r"nearest batch sizes that work: 8; world sizes that work: 1, 3$"):
+        per_rank_batch_size(3, 8)
 
 
 def test_nf4_shard_rule_names_the_layer_its_shape_and_the_counts_that_work():
@@ -57,7 +60,7 @@ def test_tune_run_refuses_more_processes_than_gpus_and_an_indivisible_batch(caps
                           "device=cpu (gloo)\n") if not torch.cuda.is_available() else
         (["device=cuda"], f"tune: error: --nproc_per_node ({torch.cuda.device_count() + 1})"),
         (["batch_size=3"], "tune: error: batch_size (3) is the global batch and must be divisible by the world size "
-                           "(2); world sizes that work: 1, 3\n"),
+                           "(2); nearest batch sizes that work: 2 or 4; world sizes that work: 1, 3\n"),
     ):
         args = list(run)
         if torch.cuda.is_available() and overrides == ["device=cuda"]:
@@ -118,6 +121,8 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
     # rank 1 was killed in the middle of a save while rank 0 waited for it: the job ends, non-zero, naming it
     assert result.returncode == 1, result.stderr[-2000:]
     assert "recipe process(es) failed (rank 1: exit code -9, killed by SIGKILL)" in result.stderr.splitlines()[-1]
+    # rank 0's collective failed because rank 1 was gone: it exits quietly, no gloo "connection reset" line
+    assert "Connection reset by peer" not in result.stderr and "_worker.py: error" not in result.stderr
     # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it
     from torchft.checkpoint import latest_step_dir
 
@@ -134,3 +139,23 @@ def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):
     assert "recipe process(es) failed (rank 0: exit code" in result.stderr.splitlines()[-1]
     # and it was the configured 6 s timeout (gloo names it), not the 30 minutes of the default process group
     assert "Timed out waiting 6000ms" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rank, error, said", [
+    (0, "start", True), (1, "start", False),  # the same refusal on every rank: rank 0 says it
+    (0, "lost peer", False), (1, "own", True),  # a rank's own error is said; a peer's loss is not
+])
+def test_in_a_job_each_error_is_said_once(monkeypatch, capsys, rank, error, said):
+    from torchft.config._load import ConfigError
+    from torchft.config._recipe import exit_with_error
+
+    exc = {"start": ConfigError("batch_size (0) must be a positive integer"),
+           "lost peer": RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"),
+           "own": ValueError("dataset: data file not found: x.jsonl")}[error]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    with pytest.raises(SystemExit) as exit_info:
+        exit_with_error(exc, "recipe.py", debug=False)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (f"recipe.py: error: {exc}\n" if said else "")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes._finetune import make_base, make_data, restore_torch_threads, tiny_config, train_losses, val_losses
+from tests.recipes._finetune import (PAST_THE_LAST_STEP, SCHEDULE_CHANGED, fresh_schedule_lrs, make_base, make_data,
+                                    read_metrics, restore_torch_threads, tiny_config, train_losses, val_losses)
 
 from ._launch import launch, single_device_overrides, tiny_overrides
 
@@ -137,14 +138,39 @@ def test_resume_at_another_world_size_continues_the_run(lora_runs):
         assert abs(resumed[step] - uninterrupted[step]) < 1e-5
 
 
+def test_resume_with_another_max_steps_follows_the_new_schedule_and_refuses_past_its_end(lora_runs, base, data,
+                                                                                         tmp_path):
+    """The rules of one device (tests/recipes: the same expectations) on 2 ranks: a longer run re-derives the
+    schedule over its own total; a run shorter than the checkpoint's step is refused and writes nothing."""
+    import re
+
+    for name, max_steps in (("longer", 8), ("shorter", 4)):
+        shutil.copytree(lora_runs["dist"] / "step_6", tmp_path / name / "out" / "step_6")
+        result = launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
+            tmp_path / name, base, *data, [f"max_steps={max_steps}", "lr_scheduler.name=linear",
+                                           "validation_dataset=null", "eval_every_n_steps=null",
+                                           "resume_from_checkpoint=latest"]))
+        if name == "longer":
+            _run_ok(result)
+            logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path / name / "out") if "lr" in m}
+            assert [logged[k] for k in (7, 8)] == pytest.approx([fresh_schedule_lrs("linear", 8, 1e-2)[k]
+                                                                 for k in (7, 8)])
+            assert result.stderr.count(SCHEDULE_CHANGED.format(saved=6)) == 1  # said once, by rank 0
+        else:
+            assert result.returncode == 1
+            assert re.search(PAST_THE_LAST_STEP.format(step=6, last=4), result.stderr)
+            assert sorted(p.name for p in (tmp_path / name / "out").iterdir()) == ["step_6"]  # nothing written
+
+
 def test_a_fresh_run_into_a_used_output_dir_is_refused_before_any_work(lora_runs, base, data):
     used = lora_runs["dist"].parent  # holds out/step_2, out/step_4 and out/step_6
     saved = {name: (used / "out" / name).read_bytes() for name in ("torchft_config.yaml", "logs/config.json")}
     result = launch("lora_finetune_distributed", "quickstart/lora_distributed",
                     tiny_overrides(used, base, *data, ["seed=7"]))
     assert result.returncode == 1
-    assert f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue it with " \
-           "resume_from_checkpoint=latest" in result.stderr
+    refusal = f"error: output_dir ({used / 'out'}) already holds step_2, step_4, step_6 from an earlier run: continue " \
+              "it with resume_from_checkpoint=latest"
+    assert result.stderr.count(refusal) == 1  # said once (by rank 0), not once per rank
     assert (used / "out" / "step_4" / "distributed" / ".metadata").is_file()  # nothing saved is lost
     # and nothing written: the finished run's saved config is still its own (seed 0, not the refused run's 7)
     assert {name: (used / "out" / name).read_bytes() for name in saved} == saved

@@ -63,3 +63,24 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def fresh_schedule_lrs(name: str, total_steps: int, lr: float) -> dict[int, float]:
+    """The LR each step 1..total_steps trains with under a fresh ``name`` schedule (no warm-up): what
+    a run resumed with ``max_steps=total_steps`` must follow, on one device and many."""
+    import torch
+
+    from torchft.training.lr_schedule import build_lr_scheduler
+
+    sched = build_lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr), name,
+                               num_training_steps=total_steps)
+    lrs = {}
+    for step in range(1, total_steps + 1):  # the LR logged at step k is set after k - 1 updates
+        lrs[step] = sched.get_last_lr()[0]
+        sched.optimizer.step(), sched.step()
+    return lrs
+
+
+PAST_THE_LAST_STEP = (r"resume_from_checkpoint is at step {step}, past this run's last step \({last}, from "
+                      r"max_steps / epochs\): raise max_steps or resume an earlier step")
+SCHEDULE_CHANGED = "the checkpoint's LR schedule spanned {saved} steps; this run's spans its own total"

@@ -11,7 +11,8 @@ from torchft._recipes import lora_finetune_single_device as recipe
 from torchft.training import steps
 from torchft.training.steps import NonFiniteLossError
 
-from ._finetune import restore_torch_threads, TINY_NF4, make_base, read_metrics, tiny_config, train_losses, val_losses
+from ._finetune import (PAST_THE_LAST_STEP, SCHEDULE_CHANGED, TINY_NF4, fresh_schedule_lrs, make_base, read_metrics,
+                        restore_torch_threads, tiny_config, train_losses, val_losses)
 
 
 _threads = pytest.fixture(autouse=True)(restore_torch_threads)
@@ -318,31 +319,22 @@ def test_a_resume_from_an_earlier_step_sets_the_abandoned_folders_aside(tmp_path
     assert adapter(out / "step_4") != saved_by_a
 
 
-def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base):
-    from torchft.training.lr_schedule import build_lr_scheduler
-
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, base, caplog):
     common = ["~validation_dataset", "save_every_n_steps=2", "lr_scheduler.name=linear"]
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=8", *common, "resume_from_checkpoint=latest"]))
     logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "out") if "lr" in m}
-    # a fresh linear schedule over 8 steps (the LR logged at step k is the one step k trained with,
-    # set after k - 1 updates)
-    sched = build_lr_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2), "linear",
-                               num_training_steps=8)
-    expected = {}
-    for k in range(1, 9):
-        expected[k] = sched.get_last_lr()[0]
-        sched.optimizer.step(), sched.step()
+    expected = fresh_schedule_lrs("linear", 8, 1e-2)
     assert [logged[k] for k in range(5, 9)] == pytest.approx([expected[k] for k in range(5, 9)])
     assert logged[5] > 0  # the old schedule had ended at step 4 (LR 0 from there on)
+    assert SCHEDULE_CHANGED.format(saved=4) in caplog.text
 
 
 def test_resume_past_the_last_step_is_refused(tmp_path, base):
     common = ["~validation_dataset", "save_every_n_steps=2"]
     recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=4", *common]))
     saved = (tmp_path / "out" / "torchft_config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"resume_from_checkpoint is at step 4, past this run's last step \(2, from "
-                                         r"max_steps / epochs\): raise max_steps or resume an earlier step"):
+    with pytest.raises(ValueError, match=PAST_THE_LAST_STEP.format(step=4, last=2)):
         recipe.main(tiny_config("lora", tmp_path, base, ["max_steps=2", *common, "resume_from_checkpoint=latest"]))
     assert (tmp_path / "out" / "torchft_config.yaml").read_text() == saved  # the refused run wrote nothing
 

@@ -171,14 +171,10 @@ def test_the_loss_runs_outside_the_offload_context(monkeypatch, where):
     model = _tiny_lora_model(checkpointing=True)
     batch = {"tokens": torch.randint(0, 100, (1, 16)), "labels": torch.randint(0, 100, (1, 16))}
     loss_fn = RecordingLoss(chunk_tokens=8)
+    monkeypatch.setattr(steps, "activation_offloading", recording_offload)  # both steps share one micro-batch body
     if where == "one_device":
-        monkeypatch.setattr(steps, "activation_offloading", recording_offload)
         steps.forward_backward(model, [batch], loss_fn, output_params(model), offload_activations=True)
     else:
-        from torchft.training import activations
-
-        for module in (distributed_steps, activations):  # wherever the step looks it up
-            monkeypatch.setattr(module, "activation_offloading", recording_offload, raising=False)
         distributed_steps.sharded_forward_backward(model, [batch], loss_fn, offload_activations=True)
     assert loss_fn.calls_inside == [False]
 

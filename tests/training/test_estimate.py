@@ -379,3 +379,17 @@ def test_estimate_within_10_percent_of_cuda_max_memory_allocated(checkpointing):
         optimizer.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
     assert abs(predicted.peak_bytes - measured) <= 0.10 * measured, (predicted.peak_bytes, measured)
+
+
+def test_lora_dpo_estimate_holds_no_reference_weights_and_two_sequences_per_pair():
+    """A DPO pair is a chosen and a rejected sequence; the LoRA reference is the base (adapters off)."""
+    from pathlib import Path
+
+    from torchft.training.estimate import estimate_memory
+
+    configs = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "llama3_2"
+    dpo = estimate_memory(str(configs / "1B_lora_dpo_single_device.yaml"), ["batch_size=1", "tokenizer.max_seq_len=256"])
+    sft = estimate_memory(str(configs / "1B_lora_single_device.yaml"), ["batch_size=2", "tokenizer.max_seq_len=256"])
+    assert dpo.breakdown["weights"] == sft.breakdown["weights"]
+    # the same layers' activations (a few KiB more: the per-answer log-probabilities)
+    assert dpo.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-3)

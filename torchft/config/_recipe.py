@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from torchft.config._load import load_config
+from torchft.config._load import ConfigError, load_config
 from torchft.config._validate import unknown_key_problems
 
 log = logging.getLogger("torchft")
@@ -77,8 +77,24 @@ def exit_with_error(exc: BaseException, prog: str, debug: bool) -> NoReturn:
     """Print ``<prog>: error: <one line>`` on stderr (the traceback first when debugging) and exit."""
     if debug:
         traceback.print_exception(exc)
-    print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
+    if debug or not _said_by_another_rank(exc):
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
     sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+# What a collective raises on the ranks left when another rank of the job failed or was killed.
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "communicator was aborted")
+
+
+def _said_by_another_rank(exc: BaseException) -> bool:
+    """In a job of several ranks, errors the user would otherwise read once per rank: a start refusal
+    (the same config on every rank: rank 0 says it) and a collective that failed because another rank
+    is gone (that rank's error, and the launcher's line naming it, are the cause)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if isinstance(exc, ConfigError):
+        return not _is_main_process()
+    return any(marker in str(exc) for marker in _LOST_PEER)
 
 
 class CommandLineParser(argparse.ArgumentParser):

@@ -6,7 +6,8 @@ Names are loaded on first use, so ``import torchft.data`` stays cheap.
   ``llama2_tokenizer``, ``hf_tokenizer``, ``quickstart_tokenizer``.
 - ``Message(role, content, masked=False)``.
 - Dataset builders (tokenizer first): ``instruct_dataset``, ``alpaca_dataset``, ``chat_dataset``,
-  ``text_completion_dataset``, ``quickstart_dataset``. Samples: ``{"tokens", "labels"}``, labels aligned
+  ``text_completion_dataset``, ``quickstart_dataset``; ``preference_dataset`` (prompt / chosen / rejected,
+  batched by ``preference_collate``) and ``quickstart_preference_dataset``. Samples: ``{"tokens", "labels"}``, labels aligned
   with tokens (-100 = not trained on; the recipe shifts). ``packed=True`` gives ``PackedDataset``.
 - ``padded_collate``, ``packed_collate``, ``block_causal_mask``; ``build_dataloader`` /
   ``ResumableDataLoader`` (``state_dict``, ``load_state_dict``, ``set_epoch``).
@@ -28,6 +29,9 @@ _EXPORTS = {
     "alpaca_dataset": "torchft.data.datasets",
     "chat_dataset": "torchft.data.datasets",
     "text_completion_dataset": "torchft.data.datasets",
+    "preference_dataset": "torchft.data.preference",
+    "preference_collate": "torchft.data.preference",
+    "quickstart_preference_dataset": "torchft.data._assets",
     "SFTDataset": "torchft.data.datasets",
     "PackedDataset": "torchft.data.packing",
     "pack_dataset": "torchft.data.packing",

@@ -6,6 +6,8 @@ import os
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 QUICKSTART_TOKENIZER = "quickstart_tokenizer.model"
 QUICKSTART_SPLITS = {"train": "quickstart_train.jsonl", "validation": "quickstart_validation.jsonl"}
+QUICKSTART_PREFERENCE_SPLITS = {"train": "quickstart_preference_train.jsonl",
+                                "validation": "quickstart_preference_validation.jsonl"}
 
 
 def assets_path(name: str) -> str:
@@ -34,3 +36,14 @@ def quickstart_dataset(tokenizer, split: str = "train", **kwargs):
     if split not in QUICKSTART_SPLITS:
         raise ValueError(f"quickstart split {split!r} is not one of {', '.join(QUICKSTART_SPLITS)}")
     return instruct_dataset(tokenizer, source="json", data_files=assets_path(QUICKSTART_SPLITS[split]), split=split, **kwargs)
+
+
+def quickstart_preference_dataset(tokenizer, split: str = "train", **kwargs):
+    """The quickstart's preference pairs (1000 train / 100 validation): each task's correct answer chosen
+    over a wrong one. ``kwargs`` go to :func:`torchft.data.preference.preference_dataset`."""
+    from torchft.data.preference import preference_dataset
+
+    if split not in QUICKSTART_PREFERENCE_SPLITS:
+        raise ValueError(f"quickstart split {split!r} is not one of {', '.join(QUICKSTART_PREFERENCE_SPLITS)}")
+    return preference_dataset(tokenizer, source="json", data_files=assets_path(QUICKSTART_PREFERENCE_SPLITS[split]),
+                              **kwargs)

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from torchft.data.messages import Message
+from torchft.data.preference import preference_dataset
 from torchft.data.collate import IGNORE_INDEX  # labels not trained on
 from torchft.data.sources import load_rows
 from torchft.data.templates import render_instruct
@@ -326,4 +327,4 @@ def text_completion_dataset(
 
 # The builders that hand ``source`` and ``data_files`` to ``load_rows`` as given: a recipe's start (and
 # ``tune validate``) checks those two arguments with ``local_source`` before anything is loaded.
-SOURCE_READERS = (instruct_dataset, alpaca_dataset, chat_dataset, text_completion_dataset)
+SOURCE_READERS = (instruct_dataset, alpaca_dataset, chat_dataset, text_completion_dataset, preference_dataset)

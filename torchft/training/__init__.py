@@ -9,6 +9,8 @@ Modules (imported on demand, so ``import torchft.training`` stays cheap):
 - ``lr_schedule``: cosine / linear / constant schedules with warm-up that save and restore.
 - ``activations``: activation checkpointing and activation offloading applied to a built model.
 - ``compile``: per-layer ``torch.compile``.
+- ``wiring``: from a config's values to a running loop (start, model build on one device or FSDP2,
+  loaders, resume, save, loop), with plain arguments, for SFT and other losses alike.
 - ``loop``: the training loop (metrics, validation, save cadence, stop handling), shared by recipes
   on one device and many.
 - ``steps``: the train step (token-weighted gradient accumulation), the validation loss, NaN and

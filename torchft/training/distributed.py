@@ -108,9 +108,12 @@ def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     """``batch_size`` of a distributed config is global (the samples of one micro-batch over all
     ranks), so a run gives the same updates at any world size; each rank takes its share."""
     if global_batch_size % world_size != 0:
+        below = global_batch_size // world_size * world_size  # the multiples of the world size around it
+        nearest = [n for n in (below, below + world_size) if n > 0]
         working = [n for n in range(1, global_batch_size + 1) if global_batch_size % n == 0]
         raise ValueError(f"batch_size ({global_batch_size}) is the global batch and must be divisible by the "
-                         f"world size ({world_size}); world sizes that work: {', '.join(map(str, working))}")
+                         f"world size ({world_size}); nearest batch sizes that work: "
+                         f"{' or '.join(map(str, nearest))}; world sizes that work: {', '.join(map(str, working))}")
     return global_batch_size // world_size
 
 

@@ -239,14 +239,15 @@ def restore_recipe_state(state: Mapping, lr_scheduler, loader, global_batch_size
     The data position is counted in global batches, so it carries over to another world size as long
     as the global ``batch_size`` is the same.
     """
-    from torchft.training.lr_schedule import load_lr_scheduler_state
     from torchft.training.rng import set_rng_state
+    from torchft.training.state import restore_lr_schedule
 
     if state.get("global_batch_size") != global_batch_size:
         raise ValueError(f"cannot resume the data order: saved batch_size={state.get('global_batch_size')} "
                          f"but this run has batch_size={global_batch_size}")
     data = {**state["dataloader"], "batch_size": loader.batch_size, "world_size": loader.world_size}
     loader.load_state_dict(data)
-    load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
+    restore_lr_schedule(lr_scheduler, state["lr_scheduler"], is_main_process=not dist.is_initialized()
+                        or dist.get_rank() == 0)
     set_rng_state(state["rng"])
     return int(state["step"])

@@ -142,9 +142,10 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
         for step in range(2):
             for _ in range(1 if step == 0 else micro_batches):
                 with tracker.phase("forward"), offloaded_to_host(tracker, offload_activations):
+                    _reference_forward(model, tokens, loss_fn)
                     hidden = model.hidden_states(tokens)  # [b, s, dim]
                 with tracker.phase("loss"):
-                    loss_sum, _ = loss_fn(hidden, targets, model.output, loss_params)
+                    loss_sum = _step_loss(model, hidden, targets, loss_fn, loss_params)
                 with tracker.phase("backward"):
                     _backward(loss_sum / targets.numel())
                 del hidden, loss_sum
@@ -160,6 +161,29 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
                 "activation_checkpointing": activation_checkpointing, "activation_offloading": offload_activations,
                 "trainable_params": sum(p.numel() for p in trainable)}
     return MemoryEstimate(tracker.peak_bytes, tracker.peak_breakdown(), tracker.peak_host_bytes, settings)
+
+
+def _is_preference(loss_fn) -> bool:
+    return hasattr(loss_fn, "needs_reference")
+
+
+def _reference_forward(model: nn.Module, tokens: torch.Tensor, loss_fn) -> None:
+    """DPO/IPO with LoRA: the reference is the same model with adapters disabled, run without gradients
+    (its activations are freed at once; it holds no weights of its own)."""
+    from torchft.modules.loss import shift_targets
+    from torchft.modules.peft import disable_adapter
+
+    if _is_preference(loss_fn) and loss_fn.needs_reference:
+        with torch.no_grad(), disable_adapter(model):
+            loss_fn.log_probs(model.hidden_states(tokens), shift_targets(tokens), model.output)
+
+
+def _step_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, loss_fn, loss_params) -> torch.Tensor:
+    """[] the summed loss of one micro-batch: cross-entropy, or a preference loss over its rows as pairs."""
+    if _is_preference(loss_fn):
+        log_probs, lengths = loss_fn.log_probs(hidden, targets, model.output)  # [2b], [2b]
+        return loss_fn(log_probs, lengths, log_probs.detach() if loss_fn.needs_reference else None)[0].sum()
+    return loss_fn(hidden, targets, model.output, loss_params)[0]
 
 
 def _backward(loss: torch.Tensor) -> None:
@@ -243,9 +267,12 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
         make_optimizer = lambda params: OptimizerInBackward(params, **opt_kwargs)  # noqa: E731
     else:
         make_optimizer = lambda params: instantiate(cfg.optimizer, params)  # noqa: E731
+    preference = cfg.loss._component_.endswith("PreferenceLoss")
+    # a preference batch of b pairs is 2b sequences (chosen and rejected)
     estimate = estimate_step(
-        model, batch_size=local_batch, seq_len=_sequence_length(cfg),
-        loss_fn=instantiate(cfg.loss, compile=False), make_optimizer=make_optimizer,
+        model, batch_size=2 * local_batch if preference else local_batch, seq_len=_sequence_length(cfg),
+        loss_fn=instantiate(cfg.loss) if preference else instantiate(cfg.loss, compile=False),
+        make_optimizer=make_optimizer,
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         offload_activations=bool(cfg.get("enable_activation_offloading", False)),
         gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),

@@ -51,8 +51,8 @@ import torch
 import torch.distributed as dist
 
 from torchft.training.signals import StopRequested
-from torchft.training.steps import (NonFiniteWatch, StepResult, out_of_memory_message, step_micro_batches,
-                                    to_device)
+from torchft.training.steps import (NonFiniteWatch, StepResult, check_resume_step, out_of_memory_message,
+                                    step_micro_batches, to_device)
 from torchft.training.throughput import ProgressBar, StepTimer, reset_peak_memory, step_metrics
 
 log = logging.getLogger("torchft")
@@ -91,9 +91,7 @@ class TrainingLoop:
                  validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  last_checkpoint=None, progress_bar: bool = True, is_main_process: bool = True,
                  any_rank: Callable[[bool], bool] | None = None, world_size: int | None = None):
-        if start_step > total_steps:
-            raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
-                             f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
+        check_resume_step(start_step, total_steps)
         self.total_steps, self.save, self.metric_logger = total_steps, save, metric_logger
         self.device = torch.device(device)
         self.step = start_step
@@ -130,9 +128,10 @@ class TrainingLoop:
             print(message)
 
     def _validate(self, step: int, progress: ProgressBar | None) -> None:
-        val = self.validate()
-        self._log({"val_loss": val}, step)
-        self._write(progress, f"step {step}: validation loss {val:.4f}")
+        val = self.validate()  # the loss, or {"loss": ..., other metrics} (logged as val_<name>)
+        metrics = {f"val_{name}": value for name, value in (val if isinstance(val, dict) else {"loss": val}).items()}
+        self._log(metrics, step)
+        self._write(progress, f"step {step}: validation loss {metrics['val_loss']:.4f}")
 
     def _step_metrics(self, result: StepResult, seconds: float, seq_len: int, lr: float) -> dict:
         """The logged metrics of a step: the only place the loop reads values back from the device.
@@ -149,6 +148,7 @@ class TrainingLoop:
                    "target_tokens_per_s": target_tokens / max(seconds, 1e-9)}
         if self.flops_per_token is None:
             metrics.pop("mfu", None)
+        metrics.update({name: float(value) for name, value in (result.metrics or {}).items()})
         return metrics
 
     # ------------------------------------------------------------------ the loop

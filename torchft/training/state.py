@@ -39,10 +39,16 @@ def restore_training_state(state: Mapping, optimizer: torch.optim.Optimizer, lr_
     if missing:
         raise ValueError(f"training state lacks {', '.join(missing)}: it was not written by this recipe")
     optimizer.load_state_dict(state["optimizer"])
-    saved_total = load_lr_scheduler_state(lr_scheduler, state["lr_scheduler"])
-    if saved_total is not None:
-        log.warning("the checkpoint's LR schedule spanned %d steps; this run's spans its own total "
-                    "(max_steps / epochs), from the resumed step on", saved_total)
+    restore_lr_schedule(lr_scheduler, state["lr_scheduler"])
     dataloader.load_state_dict(state["dataloader"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def restore_lr_schedule(lr_scheduler, saved: Mapping, is_main_process: bool = True) -> None:
+    """Continue the saved schedule from its step, over this run's total steps (a resume with another
+    ``max_steps`` follows the new schedule, on one device and many); say so once when they differ."""
+    saved_total = load_lr_scheduler_state(lr_scheduler, saved)
+    if saved_total is not None and is_main_process:
+        log.warning("the checkpoint's LR schedule spanned %d steps; this run's spans its own total "
+                    "(max_steps / epochs), from the resumed step on", saved_total)

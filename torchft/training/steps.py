@@ -7,8 +7,9 @@ target tokens. 4 micro-batches of 1 sample and 1 micro-batch of 4 samples give t
 """
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ class StepResult:
     logged). ``num_target_tokens``: tokens that carried a loss; ``num_tokens``: all tokens fed to the
     model (padding excluded), for tokens/s and MFU. ``grad_norm``: [] the gradient norm before
     clipping. ``found_inf``: [] 1.0 when the loss or a gradient was NaN/infinite (the update was
-    skipped on the device), else 0.0.
+    skipped on the device), else 0.0. ``metrics``: more [] values to log under their names (read back
+    only on logging steps), e.g. DPO's ``rewards/accuracies``.
     """
 
     loss: torch.Tensor
@@ -36,6 +38,7 @@ class StepResult:
     grad_norm: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     num_tokens: int | torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,6 +117,41 @@ def step_tokens(micro_batches: Sequence[dict]) -> int:
     return sum(b.get("num_tokens", b["tokens"].numel()) for b in micro_batches)
 
 
+def sft_loss_sum(model: nn.Module, batch: dict, loss_fn: ChunkedCrossEntropy,
+                 params: Sequence[torch.Tensor] | None = None, offload_activations: bool = False) -> torch.Tensor:
+    """[] the summed next-token cross-entropy of one micro-batch (graph attached, for backward).
+
+    ``batch`` holds ``tokens`` [b, s] and ``labels`` [b, s] (aligned with the tokens, -100 where no
+    loss) and, for packed batches, ``mask`` and ``input_pos``. ``params``: the output projection's
+    trainable parameters the fused loss differentiates; None looks them up after the forward (under
+    FSDP they are the root unit's gathered parameters, which exist only then).
+    """
+    with activation_offloading(offload_activations, batch["tokens"].device):  # the layers' saved inputs only
+        hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+    loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
+                          output_params(model) if params is None else params)
+    return loss_sum
+
+
+def accumulate_gradients(micro_batches: Sequence[dict], batch_loss: Callable[[dict], torch.Tensor],
+                         denominator: int | torch.Tensor,
+                         before_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Backward of every micro-batch's ``batch_loss(batch) / denominator``: gradients accumulate in
+    ``.grad`` as if the step's micro-batches were one batch whose loss is the sum over them divided by
+    ``denominator``. ``batch_loss`` is any summed loss (cross-entropy, DPO, distillation);
+    ``before_batch(i)`` runs before micro-batch ``i`` (e.g. to sync gradients only with the last).
+    Returns [] fp32, the detached sum of the micro-batches' losses.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=micro_batches[0]["tokens"].device)
+    for i, batch in enumerate(micro_batches):
+        if before_batch is not None:
+            before_batch(i)
+        loss_sum = batch_loss(batch)
+        (loss_sum / denominator).backward()
+        total += loss_sum.detach()
+    return total
+
+
 def forward_backward(
     model: nn.Module,
     micro_batches: Sequence[dict],
@@ -122,28 +160,21 @@ def forward_backward(
     offload_activations: bool = False,
     num_target_tokens: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int | torch.Tensor]:
-    """Forward and backward over one optimizer step's micro-batches (already on the model's device).
+    """Forward and backward over one optimizer step's micro-batches (already on the model's device;
+    see :func:`sft_loss_sum` for what a batch holds).
 
-    Each batch holds ``tokens`` [b, s] and ``labels`` [b, s] (aligned with the tokens, -100 where no
-    loss) and, for packed batches, ``mask`` and ``input_pos``. Gradients accumulate in ``.grad``;
-    the caller clips and steps the optimizer. ``num_target_tokens`` is the loss's denominator: by
-    default these micro-batches' target tokens; a data-parallel caller passes the count over all
-    ranks. Returns the step's mean loss (a detached fp32 scalar) and the denominator.
+    Gradients accumulate in ``.grad``; the caller clips and steps the optimizer.
+    ``num_target_tokens`` is the loss's denominator: by default these micro-batches' target tokens; a
+    data-parallel caller passes the count over all ranks. Returns the step's mean loss (a detached
+    fp32 scalar) and the denominator.
     """
     if num_target_tokens is None:
         num_target_tokens = step_target_tokens(micro_batches, loss_fn.ignore_index)
-    device = micro_batches[0]["tokens"].device
-    total = torch.zeros((), dtype=torch.float32, device=device)
     if isinstance(num_target_tokens, int) and num_target_tokens == 0:  # every label masked: nothing to learn
-        return total, 0
-    for batch in micro_batches:
-        with activation_offloading(offload_activations, device):  # the layers' saved inputs, not the loss's
-            hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
-        loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
-                              output_params)
-        (loss_sum / num_target_tokens).backward()
-        total += loss_sum.detach()
-    return total / num_target_tokens, num_target_tokens
+        return torch.zeros((), dtype=torch.float32, device=micro_batches[0]["tokens"].device), 0
+    batch_loss = partial(sft_loss_sum, model, loss_fn=loss_fn, params=output_params,
+                         offload_activations=offload_activations)
+    return accumulate_gradients(micro_batches, batch_loss, num_target_tokens) / num_target_tokens, num_target_tokens
 
 
 @torch.no_grad()
@@ -227,6 +258,13 @@ def total_training_steps(max_steps: int | None, epochs: float | None, batches_pe
     return min(candidates)
 
 
+def check_resume_step(start_step: int, total_steps: int) -> None:
+    """A run resumed at ``start_step`` must have steps left before its last one (``total_steps``)."""
+    if start_step > total_steps:
+        raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
+                         f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
+
+
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy, optimizer,
                    lr_scheduler, *, max_grad_norm: float | None = None, offload_activations: bool = False,
                    num_target_tokens: int | torch.Tensor | None = None) -> StepResult:
@@ -243,11 +281,23 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: Chu
     if isinstance(optimizer, OptimizerInBackward):
         grad_norm, found_inf = optimizer.step_stats(loss)
         optimizer.step()  # nothing left to do; keeps the LR scheduler's step-order check satisfied
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
     else:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = clip_grad_norm(params, max_grad_norm)
-        found_inf = nonfinite_flag(loss, grad_norm)
-        step_unless_nonfinite(optimizer, found_inf)  # the first step also allocates the optimizer state
+        grad_norm, found_inf = update_weights(optimizer, lr_scheduler, loss, max_grad_norm)
+    return StepResult(loss, num_target_tokens, grad_norm, found_inf, step_tokens(micro_batches))
+
+
+def update_weights(optimizer, lr_scheduler, loss: torch.Tensor, max_grad_norm: float | None = None,
+                   global_norm: Callable[[torch.Tensor], torch.Tensor] = lambda norm: norm):
+    """After the step's backward: the gradient norm (clipped to ``max_grad_norm`` unless None), the
+    update unless the loss or a gradient is not finite (decided on the device: nothing is read back),
+    the gradients freed, then the LR schedule. ``global_norm`` makes the norm a plain tensor, the same on
+    every rank, when the gradients are sharded. Returns ([] grad norm, [] found_inf)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = global_norm(clip_grad_norm(params, max_grad_norm))
+    found_inf = nonfinite_flag(loss, grad_norm)
+    step_unless_nonfinite(optimizer, found_inf)  # the first step also allocates the optimizer state
     optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
-    return StepResult(loss, num_target_tokens, grad_norm, found_inf, step_tokens(micro_batches))
+    return grad_norm, found_inf

@@ -2,7 +2,9 @@
 
     python torchft/data/assets/generate_quickstart.py
 
-Writes ``quickstart_train.jsonl`` / ``quickstart_validation.jsonl`` (instruction / input / output columns)
+Writes ``quickstart_train.jsonl`` / ``quickstart_validation.jsonl`` (instruction / input / output columns),
+``quickstart_preference_train.jsonl`` / ``quickstart_preference_validation.jsonl`` (prompt / chosen / rejected:
+the first rows of each split with the correct answer chosen over a plausible wrong one, for the DPO quickstart)
 and ``quickstart_tokenizer.model`` (a Llama-3-format tiktoken ranks file: 256 bytes + merges learned from
 the dataset; with the 256 special tokens the vocabulary is 1024). The tasks are small enough that a model
 of dim 64-128 with 2-4 layers learns them in minutes on a CPU: upper-casing a word, adding two digits,
@@ -48,13 +50,43 @@ def make_sample(rng: random.Random) -> dict:
     return {"instruction": f"Repeat the word {n} times.", "input": word, "output": " ".join([word] * n)}
 
 
+def wrong_answer(sample: dict, rng: random.Random) -> str:
+    """A plausible wrong output for a task: the mistake a model half-way through learning it makes."""
+    instruction, inp, out = sample["instruction"], sample["input"], sample["output"]
+    if instruction.startswith("Write the word"):
+        return rng.choice([inp, inp.capitalize(), rng.choice([w for w in WORDS if w != inp]).upper()])
+    if instruction.startswith("Add"):
+        return str(int(out) + rng.choice([-2, -1, 1, 2]))
+    if instruction.startswith("Sort"):
+        wrong = inp if inp != out else " ".join(sorted(inp.split(), reverse=True))
+        return wrong if wrong != out else out + " 0"
+    if instruction.startswith("Reverse"):
+        return inp
+    n = len(out.split())
+    return " ".join([inp] * (n + rng.choice([-1, 1])))
+
+
+def preference_rows(samples: list[dict], rng: random.Random) -> list[dict]:
+    """prompt (the instruction, a blank line and the input, as the instruct format renders it) / chosen / rejected."""
+    return [{"prompt": f"{s['instruction']}\n\n{s['input']}", "chosen": s["output"], "rejected": wrong_answer(s, rng)}
+            for s in samples]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main(out_dir: str) -> None:
     rng = random.Random(1234)
     splits = {"train": [make_sample(rng) for _ in range(4000)], "validation": [make_sample(rng) for _ in range(200)]}
     for name, rows in splits.items():
-        with open(os.path.join(out_dir, f"quickstart_{name}.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(os.path.join(out_dir, f"quickstart_{name}.jsonl"), rows)
+    preference_rng = random.Random(5678)
+    for name, count in (("train", 1000), ("validation", 100)):
+        write_jsonl(os.path.join(out_dir, f"quickstart_preference_{name}.jsonl"),
+                    preference_rows(splits[name][:count], preference_rng))
 
     from torchft.data.tokenizers.bpe import train_llama3_ranks
 

@@ -1,0 +1,102 @@
+"""The train step and validation of preference tuning (DPO, IPO, SimPO), shared by the DPO recipes.
+
+A micro-batch holds ``b`` pairs as ``2b`` rows, chosen answers first (``preference_collate``). The
+policy's log-probabilities come from one forward of the ``2b`` rows; the reference's from ``reference(batch)``
+without gradients: for LoRA the same model with its adapters disabled (:func:`adapters_disabled_reference`:
+no second copy of the weights), for full fine-tuning a frozen copy (:func:`frozen_reference`).
+
+The loss is pair-weighted: every micro-batch's summed per-pair loss is divided by the pairs of the whole
+optimizer step, so gradient accumulation never changes the result. The step logs TRL's metric names:
+``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins`` (means
+over the step's pairs).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from torchft.modules.loss import shift_targets
+from torchft.modules.peft import disable_adapter
+from torchft.modules.preference import METRIC_NAMES, PreferenceLoss, preference_metrics
+from torchft.training.activations import activation_offloading
+from torchft.training.steps import StepResult, accumulate_gradients, step_tokens, to_device, update_weights
+
+Reference = Callable[[dict], torch.Tensor]  # batch -> [2b] the reference's log-probabilities
+
+
+def _hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+
+
+@torch.no_grad()
+def frozen_reference(reference_model: nn.Module, loss_fn: PreferenceLoss, batch: dict) -> torch.Tensor:
+    """[2b] log-probabilities of the batch's answers under a frozen reference model."""
+    targets = shift_targets(batch["labels"], loss_fn.ignore_index)
+    return loss_fn.log_probs(_hidden(reference_model, batch), targets, reference_model.output)[0]
+
+
+def adapters_disabled_reference(model: nn.Module, loss_fn: PreferenceLoss) -> Reference:
+    """The reference of LoRA preference tuning: the policy with its adapters disabled (its base model)."""
+
+    def reference(batch: dict) -> torch.Tensor:
+        with disable_adapter(model):
+            return frozen_reference(model, loss_fn, batch)
+
+    return reference
+
+
+def preference_loss_sum(model: nn.Module, batch: dict, loss_fn: PreferenceLoss, reference: Reference | None,
+                        metric_sums: torch.Tensor, offload_activations: bool = False) -> torch.Tensor:
+    """[] the summed per-pair loss of one micro-batch (graph attached); adds the batch's metric sums
+    (:func:`~torchft.modules.preference.preference_metrics`) into ``metric_sums`` [5]."""
+    ref = reference(batch) if loss_fn.needs_reference else None  # [2b], no graph
+    targets = shift_targets(batch["labels"], loss_fn.ignore_index)  # [2b, s]
+    with activation_offloading(offload_activations, batch["tokens"].device):
+        hidden = _hidden(model, batch)
+    policy, lengths = loss_fn.log_probs(hidden, targets, model.output)  # [2b], [2b]
+    losses, chosen_rewards, rejected_rewards = loss_fn(policy, lengths, ref)
+    metric_sums += preference_metrics(losses, chosen_rewards, rejected_rewards)
+    return losses.sum()
+
+
+def _step_pairs(micro_batches: Sequence[dict]) -> int:
+    return sum(b["num_pairs"] if "num_pairs" in b else b["tokens"].shape[0] // 2 for b in micro_batches)
+
+
+def preference_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: PreferenceLoss, optimizer,
+                    lr_scheduler, *, reference: Reference | None, max_grad_norm: float | None = None,
+                    offload_activations: bool = False) -> StepResult:
+    """One optimizer step of preference tuning: pair-weighted forward/backward, then the shared update
+    (clip, skip a non-finite step on the device, LR schedule). Returns the step's means as metrics."""
+    pairs = _step_pairs(micro_batches)
+    sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=micro_batches[0]["tokens"].device)
+    batch_loss = partial(preference_loss_sum, model, loss_fn=loss_fn, reference=reference, metric_sums=sums,
+                         offload_activations=offload_activations)
+    accumulate_gradients(micro_batches, batch_loss, pairs)
+    means = sums / pairs
+    grad_norm, found_inf = update_weights(optimizer, lr_scheduler, means[0], max_grad_norm)
+    answer_tokens = sum(int(b["num_target_tokens"]) for b in micro_batches)
+    return StepResult(means[0], answer_tokens, grad_norm, found_inf, step_tokens(micro_batches),
+                      metrics=dict(zip(METRIC_NAMES[1:], means[1:])))
+
+
+@torch.no_grad()
+def preference_validation(model: nn.Module, batches, loss_fn: PreferenceLoss, reference: Reference | None,
+                          device: torch.device) -> dict[str, float]:
+    """The metrics of :func:`preference_step` over every validation pair, in eval mode
+    (``{"loss": ..., "rewards/accuracies": ...}``; the loop logs them as ``val_<name>``)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=device)
+    pairs = 0
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            preference_loss_sum(model, batch, loss_fn, reference, sums)
+            pairs += _step_pairs([batch])
+    finally:
+        model.train(was_training)
+    return {name: float(value) for name, value in zip(METRIC_NAMES, sums / max(pairs, 1))}
