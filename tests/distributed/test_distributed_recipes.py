@@ -191,26 +191,37 @@ def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
     assert not (dist / "out" / "step_4" / "adapter").exists()
 
 
-def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
-    """NF4 base weights quantized whole then split: the same model as on one device, DoRA magnitudes too."""
+def _quantized_dora_matches_one_device(root, base, data, quantize_base, world_sizes):
+    """DoRA over a quantized base for 2 steps on each world size and on one device: the same losses and
+    adapters (the base quantized whole then split, so every rank holds the rows one device would)."""
     from torchft._recipes import lora_finetune_single_device
 
-    root = tmp_path_factory.mktemp("qlora")
-    base = make_base(root, TINY_NF4_SHARDABLE)
-    extra = ["+model.quantize_base=true", "+model.use_dora=true", "model.lora_rank=8", "model.lora_alpha=16",
-             "max_steps=2", "optimizer.lr=1e-3"]
-    for run, nproc in (("dist", 2), ("dist1", 1)):  # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
+    extra = [f"+model.quantize_base={quantize_base}", "+model.use_dora=true", "model.lora_rank=8",
+             "model.lora_alpha=16", "max_steps=2", "optimizer.lr=1e-3"]
+    for nproc in world_sizes:
         _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                       tiny_overrides(root / run, base, *data, extra), nproc=nproc))
+                       tiny_overrides(root / f"dist{nproc}", base, *data, extra), nproc=nproc))
     lora_finetune_single_device.main(tiny_config("lora", root / "single", base, single_device_overrides(extra)))
     reference = train_losses(root / "single" / "out")
     adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
     assert any("magnitude" in k for k in adapter("single"))
-    for run in ("dist", "dist1"):
-        losses = train_losses(root / run / "out")
+    for nproc in world_sizes:
+        losses = train_losses(root / f"dist{nproc}" / "out")
         assert list(losses) == [1, 2]
         assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
-        assert _max_diff(adapter(run), adapter("single")) < 1e-4
+        assert _max_diff(adapter(f"dist{nproc}"), adapter("single")) < 1e-4
+
+
+def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
+    """NF4 base weights quantized whole then split: the same model as on one device, DoRA magnitudes too."""
+    root = tmp_path_factory.mktemp("qlora")
+    # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
+    _quantized_dora_matches_one_device(root, make_base(root, TINY_NF4_SHARDABLE), data, "true", (2, 1))
+
+
+def test_int8_base_dora_on_2_ranks_matches_one_device(tmp_path_factory, base, data):
+    """int8 rows sharded by FSDP2 (any shape), per-row scales whole on every rank: as on one device."""
+    _quantized_dora_matches_one_device(tmp_path_factory.mktemp("int8"), base, data, "int8", (2,))
 
 
 def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):

@@ -215,20 +215,20 @@ class _AdapterSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     use_dora: bool = False
-    quantize_base: bool = False
+    quantize_base: Union[bool, str] = False  # False, True/"nf4" or "int8"
 
     def linear(self, in_dim: int, out_dim: int, bias: bool, adapted: bool, frozen_base: bool = True) -> nn.Module:
-        """A plain ``nn.Linear``, a LoRA/DoRA linear, or (QLoRA) an NF4 frozen linear."""
+        """A plain ``nn.Linear``, a LoRA/DoRA linear, or a frozen linear stored as NF4 or int8."""
         if adapted:
             from torchft.modules.peft import DoRALinear, LoRALinear
 
             cls = DoRALinear if self.use_dora else LoRALinear
             return cls(in_dim, out_dim, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                       use_bias=bias, quantize_base=self.quantize_base and frozen_base)
+                       use_bias=bias, quantize_base=self.quantize_base if frozen_base else False)
         if self.quantize_base and frozen_base:
-            from torchft.modules.peft import FrozenNF4Linear
+            from torchft.modules.peft import FrozenLinear
 
-            return FrozenNF4Linear(in_dim, out_dim, use_bias=bias)
+            return FrozenLinear(in_dim, out_dim, use_bias=bias, quantize_base=self.quantize_base)
         return nn.Linear(in_dim, out_dim, bias=bias)
 
 
@@ -255,12 +255,12 @@ def llama(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     use_dora: bool = False,
-    quantize_base: bool = False,
+    quantize_base: Union[bool, str] = False,
 ) -> TransformerDecoder:
     """Builds a Llama-architecture decoder; with any ``lora_*`` target, the adapted linears are
     ``LoRALinear`` (``DoRALinear`` when ``use_dora``) and, with ``quantize_base``, every frozen
-    linear of the decoder layers stores its weight in NF4 (QLoRA). Embeddings, norms and the output
-    projection stay in the default dtype.
+    linear of the decoder layers stores its weight in NF4 (``True`` or ``"nf4"``: QLoRA) or as
+    per-channel int8 (``"int8"``). Embeddings, norms and the output projection stay in the default dtype.
 
     Builds on the current default device: wrap in ``with torch.device("meta"):`` to build any size
     without allocating, then ``load_state_dict(sd, assign=True)``.
@@ -270,8 +270,10 @@ def llama(
     lora_attn_modules = tuple(lora_attn_modules or ())
     if lora_attn_modules or apply_lora_to_mlp or apply_lora_to_output or quantize_base:
         from torchft.modules.peft import validate_lora_targets
+        from torchft.modules.peft.frozen_linear import base_format
 
         validate_lora_targets(lora_attn_modules)
+        quantize_base = base_format(quantize_base) or False  # one clear error before any layer is built
     if apply_lora_to_output and tie_word_embeddings:
         raise ValueError("apply_lora_to_output is not supported with tie_word_embeddings: the output projection "
                          "is the embedding matrix; set apply_lora_to_output=False")

@@ -14,7 +14,10 @@ The distributed recipes call, in this order::
 weight is read, cast and cut to this rank's rows one at a time, so no rank ever holds more than its
 shard plus one full tensor. NF4 base weights (QLoRA) are quantized whole, then split: every rank's
 rows are exactly the rows a single device would hold. World size 1 with NF4 weights is not sharded
-(FSDP2 fails on NF4 with a single shard): the model then loads as on one device.
+(FSDP2 fails on NF4 with a single shard): the model then loads as on one device. int8 base weights
+are quantized whole too; their int8 rows shard like any parameter (any world size) and their
+per-row scales ([out] floats per linear) stay whole on every rank, so each rank dequantizes exactly
+the rows one device would.
 
 The model code does not know it is sharded: FSDP2 gathers each layer's weights for its forward and
 backward (``hidden_states`` and ``output`` are registered as forward methods, because the recipes
@@ -137,7 +140,7 @@ def check_nf4_shardable(model: nn.Module, shard_count: int) -> None:
     if shard_count == 1:
         return
     for name, module in model.named_modules():
-        if isinstance(module, FrozenLinear) and module.quantize_base:
+        if isinstance(module, FrozenLinear) and module.base_format == "nf4":
             shape = (module.out_dim, module.in_dim)
             counts = nf4_shard_counts(shape)
             if shard_count not in counts:
@@ -150,7 +153,7 @@ def check_nf4_shardable(model: nn.Module, shard_count: int) -> None:
 def has_nf4_weights(model: nn.Module) -> bool:
     from torchft.modules.peft.frozen_linear import FrozenLinear
 
-    return any(isinstance(m, FrozenLinear) and m.quantize_base for m in model.modules())
+    return any(isinstance(m, FrozenLinear) and m.base_format == "nf4" for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------ sharding
@@ -232,8 +235,7 @@ def load_sharded_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from torchft.modules.peft import LoRALinear
-    from torchft.modules.peft._nf4 import to_nf4
+    from torchft.modules.peft import LoRALinear, _int8
     from torchft.modules.peft.frozen_linear import FrozenLinear
 
     pending: dict[str, torch.Tensor] = {}  # fresh adapters of a layer, placed when its children are visited
@@ -247,21 +249,26 @@ def load_sharded_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 full, from_rank0 = state_dict[key].to(device=device, dtype=dtype), False
             else:
                 continue  # adapters left for a later load (a resumed run's DCP checkpoint)
-            nf4 = isinstance(module, FrozenLinear) and name == "weight" and module.quantize_base
-            if nf4:  # quantize the whole weight first: shards are rows of it, DoRA norms are of it
-                full = to_nf4(full)
+            quantized = isinstance(module, FrozenLinear) and name == "weight" and module.quantize_base
+            nf4, scale = quantized and module.base_format == "nf4", None
+            if quantized:  # quantize the whole weight first: shards are rows of it, DoRA norms are of it
+                full, scale = module._quantize(full)  # int8: scales [out], kept whole on every rank
             if fresh_adapters and isinstance(module, LoRALinear) and name == "weight":
-                for adapter_key, value in _fresh_adapters(module, full, device).items():
+                base = full if scale is None else _int8.dequantize(full, scale)
+                for adapter_key, value in _fresh_adapters(module, base, device).items():
                     pending[prefix + adapter_key] = value
             if isinstance(param, DTensor):
                 if nf4:
                     value = _shard_nf4(full, param)
-                else:
+                else:  # plain or int8 rows: FSDP2's own split
                     value = distribute_tensor(full, param.device_mesh, param.placements,
                                               src_data_rank=0 if from_rank0 else None)
             else:  # a model left whole (NF4 at world size 1)
                 value = full
-            module.register_parameter(name, nn.Parameter(value, requires_grad=param.requires_grad))
+            if quantized:
+                module.set_quantized_weight(value, scale)
+            else:
+                module.register_parameter(name, nn.Parameter(value, requires_grad=param.requires_grad))
             del full
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer.is_meta and prefix + name in state_dict:

@@ -75,16 +75,24 @@ def _like(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _base_rows(module) -> torch.Tensor:
+    """This rank's rows [out / shards, in] of a frozen base weight, dequantized (int8: with its scale rows)."""
+    from torchft.modules.peft._nf4 import dequantize
+
+    if module.base_format == "int8":
+        return _local(module.dequantized_weight())
+    return dequantize(_local(module.weight))
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF-named weights of the model with every adapter merged, as DTensors of this rank's rows.
 
     Each rank merges its own rows (the base rows plus B's rows times A, DoRA's magnitude rows), so
     nothing is gathered but A [r, in]; the math is ``merge_adapter_weight``'s, one formula for every
-    export. NF4 base weights are dequantized.
+    export. NF4 and int8 base weights are dequantized.
     """
     from torchft.checkpoint.hf import torchft_to_hf_key
     from torchft.modules.peft import LoRALinear
-    from torchft.modules.peft._nf4 import dequantize
     from torchft.modules.peft.frozen_linear import FrozenLinear
     from torchft.modules.peft.merge import merge_adapter_weight
 
@@ -101,12 +109,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             if isinstance(module, LoRALinear) and name == "weight":
                 magnitude = getattr(module, "magnitude", None)  # DoRA: [out / shards]
-                rows = merge_adapter_weight(dequantize(_local(module.weight)),  # [out / shards, in]
+                rows = merge_adapter_weight(_base_rows(module),  # [out / shards, in]
                                             full_tensor(module.lora_a.weight),  # [r, in]
                                             _local(module.lora_b.weight),  # [out / shards, r]
                                             module.scaling, None if magnitude is None else _local(magnitude))
             elif isinstance(module, FrozenLinear) and name == "weight":
-                rows = dequantize(_local(param))
+                rows = _base_rows(module)
             else:
                 rows = _local(param)
             out[torchft_to_hf_key(prefix + name)] = _like(rows.contiguous(), param)

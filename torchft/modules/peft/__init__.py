@@ -1,6 +1,7 @@
-"""Parameter-efficient fine-tuning: LoRA, DoRA and QLoRA (NF4 base weights via torchao).
+"""Parameter-efficient fine-tuning: LoRA, DoRA and QLoRA (NF4 or int8 base weights via torchao).
 
-Layers: ``LoRALinear``, ``DoRALinear`` (both take ``quantize_base=True`` for QLoRA) and
+Layers: ``LoRALinear``, ``DoRALinear`` (both take ``quantize_base=True``/``"nf4"`` for QLoRA,
+``"int8"`` for an 8-bit base), ``FrozenLinear`` (a frozen linear, quantized or not) and
 ``FrozenNF4Linear`` (a frozen NF4 linear without adapter). Model-level helpers find the adapter
 parameters, make only them trainable, load base/adapter weights with key checks, merge adapters
 into plain weights, disable adapters temporarily and report weight bytes (NF4-aware).

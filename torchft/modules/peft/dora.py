@@ -46,7 +46,7 @@ class DoRALinear(LoRALinear):
         alpha: float,
         dropout: float = 0.0,
         use_bias: bool = False,
-        quantize_base: bool = False,
+        quantize_base: bool | str = False,
     ):
         super().__init__(in_dim, out_dim, rank, alpha, dropout=dropout, use_bias=use_bias, quantize_base=quantize_base)
         self.magnitude = nn.Parameter(torch.empty(out_dim, dtype=self.lora_a.weight.dtype))

@@ -1,4 +1,13 @@
-"""A linear layer whose weight is frozen and may be stored as NF4 (the base of LoRA/DoRA/QLoRA).
+"""A linear layer whose weight is frozen and may be stored quantized (the base of LoRA/DoRA/QLoRA).
+
+``quantize_base`` picks the storage of the frozen weight: ``False`` (as built or loaded),
+``True`` or ``"nf4"`` (QLoRA's 4-bit NormalFloat) or ``"int8"`` (per-channel int8 weight-only,
+see ``_int8``). Both quantized formats follow the same rules: the weight is quantized when it is
+loaded, ``state_dict()`` yields it dequantized under the plain name, and ``dequantized_weight()``
+gives the plain tensor a merge or a DoRA norm needs.
+
+int8 storage: ``weight`` is an ``int8`` parameter [out, in] and ``weight_scale`` a buffer [out]
+(one scale per output row, in the model's dtype, not in the state dict). Any shape can be int8.
 
 NF4 storage rules (QLoRA):
 
@@ -20,31 +29,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchft.modules.peft import _nf4
+from torchft.modules.peft import _int8, _nf4
+
+BASE_FORMATS = ("nf4", "int8")
 
 
-def _dequantize_nf4_in_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: replace an NF4 weight by its dequantized plain tensor."""
+def base_format(quantize_base: bool | str | None) -> str | None:
+    """The storage ``quantize_base`` asks for: None (plain), ``"nf4"`` (``True`` too) or ``"int8"``.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if quantize_base is None or quantize_base is False:
+        return None
+    if quantize_base is True:
+        return "nf4"
+    if isinstance(quantize_base, str) and quantize_base.lower() in BASE_FORMATS:
+        return quantize_base.lower()
+    raise ValueError(f"quantize_base must be false, true (nf4), 'nf4' or 'int8', got {quantize_base!r}")
+
+
+def _dequantize_in_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: replace a quantized (NF4 or int8) weight by its dequantized plain tensor."""
     key = prefix + "weight"
-    if key in state_dict and _nf4.is_nf4(state_dict[key]):
-        state_dict[key] = _nf4.dequantize(state_dict[key])
+    if key in state_dict and (_nf4.is_nf4(state_dict[key]) or module.base_format == "int8"):
+        state_dict[key] = module.dequantized_weight()
 
 
 class FrozenLinear(nn.Module):
-    """``y = x @ weight.T + bias`` with a frozen ``weight`` [out_dim, in_dim] (NF4 when ``quantize_base``).
+    """``y = x @ weight.T + bias`` with a frozen ``weight`` [out_dim, in_dim], stored as ``quantize_base`` says.
 
     The parameters are named like ``nn.Linear``'s, so checkpoints of a plain model load unchanged.
     Built on a real device it gets ``nn.Linear``'s random initialization; built on ``meta`` it
     allocates nothing and expects ``load_state_dict(..., assign=True)``.
+
+    Attributes:
+        base_format: ``"nf4"``, ``"int8"`` or None: how the weight is stored.
+        quantize_base: True when the weight is stored quantized (either format).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, use_bias: bool = False, quantize_base: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, use_bias: bool = False, quantize_base: bool | str = False):
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
+        requested = base_format(quantize_base)
         # Why the weight cannot be NF4 (None when it can, or when NF4 was not asked for).
-        self._nf4_problem = _nf4.nf4_size_problem((out_dim, in_dim)) if quantize_base else None
-        self.quantize_base = quantize_base and self._nf4_problem is None
+        self._nf4_problem = _nf4.nf4_size_problem((out_dim, in_dim)) if requested == "nf4" else None
+        self.base_format = None if self._nf4_problem is not None else requested
+        self.quantize_base = self.base_format is not None
 
         weight = torch.empty(out_dim, in_dim)  # [out, in], on the ambient device (meta allocates nothing)
         bias = torch.empty(out_dim) if use_bias else None
@@ -52,11 +84,16 @@ class FrozenLinear(nn.Module):
             self._init_like_nn_linear(weight, bias)
             if self._nf4_problem is not None:
                 warnings.warn(f"{self._describe()}: {self._nf4_problem}; this base weight stays in {weight.dtype}")
-        if self.quantize_base:
+        scale = None
+        if self.base_format == "nf4":
             weight = _nf4.to_nf4(weight)
+        elif self.base_format == "int8":
+            weight, scale = _int8.quantize(weight)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if use_bias else None
-        self.register_state_dict_post_hook(_dequantize_nf4_in_state_dict)
+        # Derived from the weight, so not in the state dict; counted by ``weight_bytes``.
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.register_state_dict_post_hook(_dequantize_in_state_dict)
 
     def _describe(self) -> str:
         return f"{type(self).__name__}(in_dim={self.in_dim}, out_dim={self.out_dim})"
@@ -83,18 +120,34 @@ class FrozenLinear(nn.Module):
         if quantize:
             # Quantize on load. With assign=True (model built on meta) the checkpoint's dtype and device
             # are kept, as nn.Module does for plain tensors; otherwise we match the existing weight.
-            # The NF4 weight always replaces the old one: copying into an existing NF4 tensor would skip
-            # its lookup table and mean (torchao leaves those on meta after ``to_empty``).
+            # The quantized weight always replaces the old one: copying into an existing NF4 tensor would
+            # skip its lookup table and mean (torchao leaves those on meta after ``to_empty``).
             assign = local_metadata.get("assign_to_params_buffers", False)
             if not assign and not self.weight.is_meta:
-                incoming = incoming.to(device=self.weight.device, dtype=self.weight.dtype)
-            nf4_weight = _nf4.to_nf4(incoming)
+                incoming = incoming.to(device=self.weight.device, dtype=self._float_dtype())
+            quantized = self._quantize(incoming)
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if quantize:
-            self.weight = nn.Parameter(nf4_weight, requires_grad=False)
+            self.set_quantized_weight(*quantized)
             if key in missing_keys:
                 missing_keys.remove(key)
+
+    def _float_dtype(self) -> torch.dtype:
+        """The floating-point dtype the base weight stands for (an int8 weight's is its scales')."""
+        return self.weight_scale.dtype if self.base_format == "int8" else self.weight.dtype
+
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A plain weight [out, in] in this layer's storage: (NF4 weight, None) or (int8 data, scales [out])."""
+        if self.base_format == "int8":
+            return _int8.quantize(weight)
+        return _nf4.to_nf4(weight), None
+
+    def set_quantized_weight(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Install an already quantized (or sharded) base weight, and for int8 its scales [out]."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if scale is not None:
+            self.weight_scale = scale
 
     def _apply(self, fn, recurse=True):
         # ``model.to(dtype)`` / ``.half()`` would turn an NF4 weight into a plain one (torchao
@@ -118,18 +171,23 @@ class FrozenLinear(nn.Module):
         """The frozen layer alone: [..., in_dim] -> [..., out_dim]."""
         if _nf4.is_nf4(self.weight):
             out = _nf4.linear_nf4(x, self.weight)  # saves only the NF4 weight for backward
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
+        elif self.base_format == "int8":
+            out = _int8.linear_int8(x, self.weight, self.weight_scale)  # saves only the int8 weight
+        else:
+            return F.linear(x, self.weight, self.bias)
+        return out if self.bias is None else out + self.bias
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The base weight [out_dim, in_dim] as a plain tensor (NF4 is dequantized to its dtype)."""
+        """The base weight [out_dim, in_dim] as a plain tensor (NF4 and int8 dequantized to their dtype)."""
+        if self.base_format == "int8":
+            return _int8.dequantize(self.weight, self.weight_scale)
         return _nf4.dequantize(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_forward(x)
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, bias={self.bias is not None}, nf4={self.quantize_base}"
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, bias={self.bias is not None}, base={self.base_format or 'plain'}"
 
 
 class FrozenNF4Linear(FrozenLinear):

@@ -4,7 +4,7 @@
 
 ``lora_a`` [rank, in_dim] starts Kaiming-uniform and ``lora_b`` [out_dim, rank] starts at zero, so
 a fresh adapter leaves the model's output unchanged. With ``quantize_base=True`` the frozen weight
-is NF4 (QLoRA); see ``frozen_linear`` for how it is loaded and saved.
+is NF4 (QLoRA) or int8; see ``frozen_linear`` for how it is loaded and saved.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class LoRALinear(FrozenLinear):
         alpha: adapter scale numerator; the update is multiplied by ``alpha / rank`` (> 0).
         dropout: dropout on the adapter's input only, in [0, 1).
         use_bias: the frozen base has a bias.
-        quantize_base: store the frozen weight as NF4 (QLoRA).
+        quantize_base: store the frozen weight as NF4 (``True`` or ``"nf4"``, QLoRA) or as per-channel
+            int8 (``"int8"``); see ``frozen_linear``.
 
     State-dict keys: ``weight`` [out, in] (+ ``bias``), ``lora_a.weight`` [rank, in],
     ``lora_b.weight`` [out, rank]. Set ``disabled = True`` to get the base output only.
@@ -72,7 +73,7 @@ class LoRALinear(FrozenLinear):
         alpha: float,
         dropout: float = 0.0,
         use_bias: bool = False,
-        quantize_base: bool = False,
+        quantize_base: bool | str = False,
     ):
         validate_lora_hparams(rank, alpha, dropout)
         super().__init__(in_dim, out_dim, use_bias=use_bias, quantize_base=quantize_base)

@@ -225,7 +225,8 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and persistent buffers as stored (NF4 counted packed + scales).
+    """Bytes of the model's parameters and persistent buffers as stored (NF4 counted packed + scales,
+    an int8 base weight with its scales).
 
     Works on a model built on ``meta``, so the memory of a (Q)LoRA model is known before loading it.
     Tied weights are counted once.
@@ -236,7 +237,7 @@ def weight_bytes(model: nn.Module) -> int:
         tensors = list(module.named_parameters(recurse=False)) + [
             (name, buffer)
             for name, buffer in module.named_buffers(recurse=False)
-            if name not in module._non_persistent_buffers_set
+            if name not in module._non_persistent_buffers_set or name == "weight_scale"  # int8 base scales
         ]
         for _, tensor in tensors:
             if id(tensor) in seen:
