@@ -30,7 +30,7 @@ from torchft.training.samples import print_samples
 from torchft.training.setup import (check_same_architecture, check_tokenizer_fits, default_dtype, load_full_model,
                                     model_args_summary, start_writing)
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (StepResult, optimizer_step, total_training_steps,
+from torchft.training.steps import (check_resume_step, StepResult, optimizer_step, total_training_steps,
                                     validation_loss)
 from torchft.training.throughput import model_flops_per_token
 
@@ -91,6 +91,7 @@ def main(cfg: DictConfig) -> None:
     step = 0
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
+        check_resume_step(step, total_steps)  # a finished run refuses, saying how to go on
         log.info("resumed from %s at step %d", resume_dir, step)
 
     def save(step: int) -> str:

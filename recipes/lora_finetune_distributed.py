@@ -36,7 +36,7 @@ from torchft.training.precision import resolve_dtype
 from torchft.training.rng import seed_everything
 from torchft.training.setup import (check_same_architecture, check_tokenizer_fits, default_dtype, model_args_summary,
                                     start_writing)
-from torchft.training.steps import StepResult, total_training_steps
+from torchft.training.steps import check_resume_step, StepResult, total_training_steps
 from torchft.training.throughput import model_flops_per_token
 
 log = logging.getLogger("torchft")
@@ -107,6 +107,7 @@ def main(cfg: DictConfig) -> None:
     if resumed is not None:  # adapters and optimizer from the DCP shards, resharded to this world size
         load_trainable_state(model, optimizer, resume_dir / DCP_DIR, adapters_only=True)
         step = restore_recipe_state(resumed, lr_scheduler, loader, cfg.batch_size)
+        check_resume_step(step, total_steps)  # a finished run refuses, saying how to go on
         if env.is_main_process:
             log.info("resumed from %s at step %d", resume_dir, step)
 

@@ -126,3 +126,13 @@ def test_inference_configs_run_on_any_machine_by_default(config):
     from torchft.config import load_config
 
     assert load_config(Path(__file__).parents[2] / "recipes" / "configs" / f"{config}.yaml").device == "auto"
+
+
+def test_resume_at_or_past_the_last_step_refuses():
+    from torchft.training.steps import check_resume_step
+
+    check_resume_step(4, 5)  # steps left: fine
+    with pytest.raises(ValueError, match=r"step 5 is already the last one .*raise max_steps \(e\.g\. max_steps=10\)"):
+        check_resume_step(5, 5)
+    with pytest.raises(ValueError, match=r"past this run's last step \(3\); to continue, raise max_steps above 5"):
+        check_resume_step(5, 3)

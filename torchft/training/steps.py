@@ -251,3 +251,15 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: Chu
     optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
     return StepResult(loss, num_target_tokens, grad_norm, found_inf, step_tokens(micro_batches))
+
+
+def check_resume_step(step: int, total_steps: int) -> None:
+    """Refuse a resume with nothing left to train: its step is this run's last one, or past it.
+
+    A finished run resumed as it is would exit at once; one line says how to continue instead."""
+    if step == total_steps:
+        raise ValueError(f"step {step} is already the last one (this run has {total_steps} steps): nothing to "
+                         f"train; to continue, raise max_steps (e.g. max_steps={2 * total_steps})")
+    if step > total_steps:
+        raise ValueError(f"the checkpoint is at step {step}, past this run's last step ({total_steps}); to "
+                         f"continue, raise max_steps above {step}")
