@@ -5,3 +5,7 @@ Sub-packages are imported on demand (``torchft.models``, ``torchft.checkpoint`` 
 """
 
 __version__ = "0.1.0"
+
+from torchft import _known_noise
+
+_known_noise.install()  # before any sub-package imports torchao

@@ -57,3 +57,20 @@ def test_file_write_is_flushed_renamed_and_the_parent_synced(tmp_path, events):
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_get_the_permissions_of_a_plain_mkdir_under_the_umask(tmp_path, umask, dir_mode, file_mode):
+    # tempfile makes private 0700/0600 entries; a finished output must be readable as the umask allows.
+    old = os.umask(umask)
+    try:
+        with atomic_directory(tmp_path / "step_1") as tmp:
+            with atomic_file(tmp / "model.safetensors") as f:
+                f.write_bytes(b"weights")
+        with atomic_file(tmp_path / "alone.json") as f:
+            f.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "step_1").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "step_1" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "alone.json").stat().st_mode & 0o777 == file_mode

@@ -453,3 +453,22 @@ def test_download_against_a_local_hub(tmp_path):
     # no network: the hub's port is closed now
     line = one_error_line(download("acme/tiny-llama", "--output-dir", tmp_path / "x"))
     assert line == f"tune: error: cannot reach the Hub at {hub.url} to download acme/tiny-llama: check the network connection"
+
+
+def test_known_import_noise_is_hidden_and_debug_shows_it():
+    # torchao logs that its CUDA kernels do not load (always so on a CPU install) and torch warns about
+    # its Enum pytree registration; neither means anything to a torchft user.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import torchft, torchao.quantization"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "TUNE_DEBUG": "0"}
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stderr
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "TUNE_DEBUG": "1"}).stderr
+    for noise in ("Failed to load", "register_constant() on Enum subclasses is deprecated"):
+        assert noise not in quiet, quiet
+    if "Failed to load" not in loud:
+        pytest.skip("this torchao loads all its kernels: nothing to hide here")

@@ -30,10 +30,24 @@ def test_json_has_peak_host_fits_and_breakdown(config, capsys):
 def test_text_report_names_the_settings_that_fit(config, capsys):
     with_ac = json.loads(_run_json(config, capsys, "enable_activation_checkpointing=true"))
     budget = f"{with_ac['needed_gib'] + 0.001}GiB"
-    assert cli_main.main(["estimate", "--config", config, "--gpu-memory", budget]) == 0
+    assert cli_main.main(["estimate", "--config", config, "--gpu-memory", budget]) == 1  # not as it is
     out = capsys.readouterr().out
     assert "peak GPU memory (allocated):" in out and "saved activations" in out
     assert "fits with: enable_activation_checkpointing=true (peak" in out
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_config_that_does_not_fit_exits_1(config, capsys, json_flag):
+    assert cli_main.main(["estimate", "--config", config, "--gpu-memory", "1MiB", *json_flag]) == 1
+    assert cli_main.main(["estimate", "--config", config, "--gpu-memory", "80GiB", *json_flag]) == 0
+
+
+def test_advice_and_memory_name_follow_the_config(config, capsys):
+    # a 128-token CPU config: the report speaks of host memory and never of 512-token sequences
+    cli_main.main(["estimate", "--config", config, "+device=cpu", "tokenizer.max_seq_len=128", "--gpu-memory", "1MiB"])
+    out = capsys.readouterr().out
+    assert "peak memory on the cpu (host memory) (allocated):" in out and "GPU memory" not in out
+    assert out.rstrip().endswith("QLoRA and sequences of 128 tokens")
 
 
 def _run_json(config, capsys, *overrides):

@@ -320,3 +320,14 @@ def test_checkpoint_problems_skip_what_the_run_creates(tmp_path):
     # the quickstart's base_model node writes the checkpoint folder when the run starts
     cfg = load_config("quickstart/lora_single_device", [f"base_model.path={tmp_path / 'not_yet'}"])
     assert checkpoint_problems(cfg) == []
+
+
+@pytest.mark.parametrize("typed", ["Add the two numbers.\n\n3 + 4", "Question: what is 3 + 4?", "Answer:", "see item #7 below"])
+def test_plain_text_override_keeps_every_character(typed):
+    # YAML would fold the blank line, read `key: value` as a mapping and drop ` #...` as a comment.
+    assert load_config("generation", [f"prompt={typed}"]).prompt == typed
+
+
+def test_typed_override_values_still_parse_as_yaml():
+    cfg = load_config("generation", ["prompt='quoted: text'", "top_k=5", "compile=true", "top_p=null"])
+    assert (cfg.prompt, cfg.top_k, cfg.compile, cfg.top_p) == ("quoted: text", 5, True, None)

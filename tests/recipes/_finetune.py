@@ -82,5 +82,5 @@ def fresh_schedule_lrs(name: str, total_steps: int, lr: float) -> dict[int, floa
 
 
 PAST_THE_LAST_STEP = (r"resume_from_checkpoint is at step {step}, past this run's last step \({last}, from "
-                      r"max_steps / epochs\): raise max_steps or resume an earlier step")
+                      r"max_steps / epochs\): raise max_steps above {step} or resume an earlier step")
 SCHEDULE_CHANGED = "the checkpoint's LR schedule spanned {saved} steps; this run's spans its own total"

@@ -122,3 +122,19 @@ def test_add_bos_from_the_config_on_a_model_whose_tokenizer_adds_none(tmp_path):
                       add_bos=True, log_samples=True)
     assert scores["true"] == [r[0] for s in forced["samples"]["torchft_tiny_mc"] for r in s["filtered_resps"]]
     assert scores["null"] != pytest.approx(scores["true"], abs=1e-3)
+
+
+def test_cli_run_prints_no_known_dependency_noise(checkpoint, tmp_path):
+    # Run outside any git repository (lm-eval asks git for a commit) on a CPU machine (torchao's CUDA
+    # kernels do not load): none of those dependencies' lines reach the user.
+    ckpt, _ = checkpoint
+    repo = str(Path(__file__).parents[2])
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": repo, "TUNE_DEBUG": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchft.cli.main", "run", "eleuther_eval", "--config", "eleuther_evaluation",
+         *_overrides(ckpt, tmp_path / "out", "tasks=[torchft_tiny_mc]", "limit=2")],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("fatal: not a git repository", "Failed to load", "register_constant() on Enum subclasses"):
+        assert noise not in proc.stderr, proc.stderr

@@ -98,3 +98,20 @@ def test_checkpoint_dir_alone_with_meta_tokenizer_file(tmp_path, capsys):
     out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                             max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.stop_tokens)
     assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def test_generate_reproduces_the_training_runs_sample(checkpoint, capsys):
+    # A training run prints greedy samples of its config's sample_prompts (blank line included);
+    # `tune run generate prompt=<the same text>` on the saved folder gives the same completion.
+    from torchft.config import load_config
+    from torchft._recipes.generate import main
+    from torchft.data.tokenizers import model_tokenizer
+    from torchft.generation import load_model
+    from torchft.training.samples import generate_samples
+
+    folder, _ = checkpoint
+    prompt = "Task: add the two numbers.\n\n3 + 4"
+    model = load_model(folder, device="cpu", dtype=torch.float32)
+    (expected,) = generate_samples(model, model_tokenizer(folder), [prompt], max_new_tokens=12)
+    main(load_config("generation", _overrides(folder, f"prompt={prompt}")))
+    assert capsys.readouterr().out.strip() == expected

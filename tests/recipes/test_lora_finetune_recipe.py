@@ -120,6 +120,14 @@ def test_sigterm_saves_a_resumable_checkpoint_then_latest_resumes(tmp_path, base
     recipe.main(cfg)
     assert list(train_losses(out)) == [3, 4, 5]
     assert (out / "step_5").is_dir()
+    # the run is finished: resuming it again refuses, saying how to continue
+    with pytest.raises(ValueError, match=r"^step 5 is already the last one \(this run has 5 steps\): nothing to "
+                                         r"train; to continue, raise max_steps \(e\.g\. max_steps=10\)$"):
+        recipe.main(cfg)
+    past = tiny_config("lora", tmp_path, base, ["max_steps=3", "~validation_dataset", "resume_from_checkpoint=latest"])
+    with pytest.raises(ValueError, match=r"checkpoint is at step 5, past this run's last step \(3, from max_steps "
+                                         r"/ epochs\): raise max_steps above 5"):
+        recipe.main(past)
 
 
 def test_a_save_or_sigterm_at_an_epochs_last_step_resumes_exactly(tmp_path, base):

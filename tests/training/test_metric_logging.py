@@ -55,3 +55,16 @@ def test_wandb_offline(tmp_path, monkeypatch):
     (record_file,) = run_dir.glob("*.wandb")  # W&B's own history, for `wandb sync`
     records = record_file.read_bytes()
     assert b"batch_size" in records and b"loss" in records and b"0.75" in records
+
+
+@pytest.mark.parametrize("logger_cls, module, package", [(TensorBoardLogger, "torch.utils.tensorboard", "tensorboard"),
+                                                         (WandBLogger, "wandb", "wandb")])
+def test_missing_extra_hint_names_the_package(tmp_path, monkeypatch, logger_cls, module, package):
+    # PyPI's "torchft" is another project: a hint must never say `pip install 'torchft[...]'`.
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    with pytest.raises(ImportError, match=rf"pip install {package} \(or, in a torchft clone, "
+                                          rf"pip install -e \"\.\[{package}\]\"\)") as info:
+        logger_cls(log_dir=str(tmp_path))
+    assert "'torchft[" not in str(info.value)

@@ -108,3 +108,31 @@ def test_quickstart_base_model_is_deterministic_and_guards_other_folders(tmp_pat
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not a quickstart base model"):
         tiny_base_model(str(tmp_path / "c"), **dims)
+
+
+def test_device_auto_picks_the_cpu_without_cuda_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("INFO", logger="torchft"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "device: auto -> cpu (no CUDA device found)" in caplog.text
+    with pytest.raises(ValueError, match=r"device \(cuda\) is not available: no CUDA device found; use device=cpu"):
+        resolve_device("cuda")  # an explicit cuda stays strict
+
+
+@pytest.mark.parametrize("config", ["generation", "eleuther_evaluation", "quantization"])
+def test_inference_configs_run_on_any_machine_by_default(config):
+    from pathlib import Path
+
+    from torchft.config import load_config
+
+    assert load_config(Path(__file__).parents[2] / "recipes" / "configs" / f"{config}.yaml").device == "auto"
+
+
+def test_resume_at_or_past_the_last_step_refuses():
+    from torchft.training.steps import check_resume_step
+
+    check_resume_step(4, 5)  # steps left: fine
+    with pytest.raises(ValueError, match=r"step 5 is already the last one .*raise max_steps \(e\.g\. max_steps=10\)"):
+        check_resume_step(5, 5)
+    with pytest.raises(ValueError, match=r"past this run's last step \(3, from max_steps / epochs\): raise max_steps above 5"):
+        check_resume_step(5, 3)

@@ -61,11 +61,25 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(dirpath)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _plain_permissions(path: Path) -> None:
+    """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have under the umask:
+    ``tempfile`` makes them private (0600/0700), which would keep other users and serving processes out."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_current_umask())
+
+
 def _replace_durably(tmp: Path, target: Path) -> None:
     """Rename the flushed ``tmp`` (file or folder) to ``target`` and flush the parent folder, so the
     rename itself survives a power loss (a rename is only durable once its folder entry is on disk).
     When ``tmp`` is a folder, an existing folder ``target`` is moved aside first (a folder cannot be
     renamed over a non-empty one) and deleted once the new one is in place."""
+    _plain_permissions(tmp)
     old = None
     if tmp.is_dir() and target.is_dir():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

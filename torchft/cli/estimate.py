@@ -84,7 +84,8 @@ def _per_param(kind: str, nbytes: int, settings: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from torchft.training.estimate import CUBLAS_WORKSPACE_BYTES, estimate_memory, parse_memory_size, ways_to_fit
+    from torchft.training.estimate import (CUBLAS_WORKSPACE_BYTES, estimate_memory, parse_memory_size,
+                                          shortest_advised_seq, ways_to_fit)
 
     gpu_bytes = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
     estimate = estimate_memory(args.config, args.overrides, nproc_per_node=args.nproc_per_node)
@@ -96,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         result["config"] = args.config
         result["fits_with"] = None if fix is None else {"overrides": fix[0], "peak_gib": round(fix[1].peak_gib, 3)}
         print(json.dumps(result))
-        return 0
+        return _exit_status(estimate, gpu_bytes)
     s = estimate.settings
     found = registry.find_config(args.config)
     if found and found[0].name.endswith("_distributed") and args.nproc_per_node == 1:
@@ -104,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{args.config}: {_batch(s)} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
           f"activation checkpointing {_on(s['activation_checkpointing'])}, "
           f"offloading {_on(s['activation_offloading'])}{_ranks(s)}")
-    print(f"peak GPU memory (allocated): {_gib(estimate.peak_bytes)}")
+    print(f"peak {_memory_kind(args.config, args.overrides)} (allocated): {_gib(estimate.peak_bytes)}")
     for kind, nbytes in estimate.breakdown.items():
         print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}{_per_param(kind, nbytes, s)}")
     if estimate.host_bytes:
@@ -120,5 +121,18 @@ def main(args: argparse.Namespace) -> int:
                   f"(peak {_gib(fix[1].peak_bytes)}, needed {_gib(fix[1].needed_bytes)})")
         else:
             print(f"does not fit in {_gib(gpu_bytes)}, even with activation checkpointing, offloading, batch size 1, "
-                  "QLoRA and sequences of 512 tokens")
-    return 0
+                  f"QLoRA and sequences of {shortest_advised_seq(s['seq_len'])} tokens")
+    return _exit_status(estimate, gpu_bytes)
+
+
+def _exit_status(estimate, gpu_bytes: int | None) -> int:
+    """1 when --gpu-memory was given and the config does not fit in it (as it is), so scripts can tell."""
+    return 1 if gpu_bytes is not None and not estimate.fits(gpu_bytes) else 0
+
+
+def _memory_kind(config: str, overrides) -> str:
+    """What the peak is counted in: GPU memory for a CUDA config; a CPU config holds it in host memory."""
+    from torchft.config import load_config
+
+    device = str(load_config(config, overrides).get("device", "cuda"))
+    return "GPU memory" if device.startswith(("cuda", "auto")) else f"memory on the {device} (host memory)"

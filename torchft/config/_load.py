@@ -122,8 +122,21 @@ def all_key_paths(node: Any, prefix: str = "") -> list[str]:
     return paths
 
 
+def _is_literal_text(text: str) -> bool:
+    """Text YAML would rewrite rather than read as one value: several lines (YAML folds a blank line
+    into one newline and a newline into a space), ``key: value`` (a mapping), `` #`` (a comment).
+    Typed on a command line, such a value (a prompt, usually) means exactly the characters given."""
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{", "'", '"'):
+        return False  # a YAML list, mapping or quoted string, written on purpose
+    return "\n" in text or ": " in text or stripped.endswith(":") or " #" in text
+
+
 def _parse_value(text: str) -> Any:
-    """Parse an override value the way OmegaConf parses YAML (``1e-4`` is a float, ``[a,b]`` a list)."""
+    """Parse an override value the way OmegaConf parses YAML (``1e-4`` is a float, ``[a,b]`` a list);
+    plain text YAML would rewrite (see ``_is_literal_text``) stays as typed."""
+    if _is_literal_text(text):
+        return text
     value = OmegaConf.from_dotlist([f"v={text}"])._get_node("v")
     if isinstance(value, (DictConfig, ListConfig)):
         return value

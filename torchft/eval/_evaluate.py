@@ -104,6 +104,34 @@ def check_adapter_is_active(model: nn.Module, probe_tokens: torch.Tensor) -> Non
         )
 
 
+def _git_commit_quietly() -> str | None:
+    """lm-eval's record of the current folder's git commit, without git's ``fatal: not a git repository``
+    on stderr when the folder is not a repository (a plain install run from anywhere)."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True)
+        return out.stdout.decode().strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def _quiet_git_probe():
+    import lm_eval.evaluator
+
+    probe = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    if probe is not None:
+        lm_eval.evaluator.get_git_commit_hash = _git_commit_quietly
+    try:
+        yield
+    finally:
+        if probe is not None:
+            lm_eval.evaluator.get_git_commit_hash = probe
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -151,11 +179,12 @@ def evaluate(
     was_training = model.training
     rng_state = get_rng_state()  # simple_evaluate reseeds python, numpy and torch
     try:
-        results = simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-            log_samples=log_samples, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        with _quiet_git_probe():
+            results = simple_evaluate(
+                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                log_samples=log_samples, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed,
+            )
     except Exception as err:
         if _is_network_error(err):
             offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]

@@ -347,10 +347,20 @@ def _plan(cfg, nproc_per_node: int = 1) -> list[list[str]]:
         plan.append([f"model={component[:-len(leaf)]}q{leaf}"])
     seq = _sequence_length(cfg)
     key = "tokenizer.max_seq_len" if (cfg.get("tokenizer") or {}).get("max_seq_len") else "dataset.max_seq_len"
-    while seq > 512:
+    while seq > SHORTEST_ADVISED_SEQ:
         seq //= 2
         plan.append([f"{key}={seq}"])
     return plan
+
+
+SHORTEST_ADVISED_SEQ = 512  # the advice halves longer sequences down to this length, never below
+
+
+def shortest_advised_seq(seq_len: int) -> int:
+    """The sequence length the last step of the advice tries: ``seq_len`` halved while over 512."""
+    while seq_len > SHORTEST_ADVISED_SEQ:
+        seq_len //= 2
+    return seq_len
 
 
 def ways_to_fit(config, overrides: Sequence[str], gpu_bytes: int, *,

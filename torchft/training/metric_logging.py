@@ -96,6 +96,11 @@ class JSONLLogger(MetricLogger):
             self._file.close()
 
 
+def _install_hint(package: str) -> str:
+    # PyPI's "torchft" is another project: name the package itself, or the extra of a local clone.
+    return f'pip install {package} (or, in a torchft clone, pip install -e ".[{package}]")'
+
+
 class TensorBoardLogger(MetricLogger):
     """Scalars under their metric names in ``log_dir`` (``tensorboard --logdir <log_dir>``)."""
 
@@ -103,7 +108,7 @@ class TensorBoardLogger(MetricLogger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # tensorboard is an optional extra
-            raise ImportError("TensorBoardLogger needs tensorboard: pip install 'torchft[tensorboard]'") from e
+            raise ImportError(f"TensorBoardLogger needs tensorboard: {_install_hint('tensorboard')}") from e
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def log_config(self, config: Mapping) -> None:
@@ -132,7 +137,7 @@ class WandBLogger(MetricLogger):
         try:
             import wandb
         except ImportError as e:  # wandb is an optional extra
-            raise ImportError("WandBLogger needs wandb: pip install 'torchft[wandb]'") from e
+            raise ImportError(f"WandBLogger needs wandb: {_install_hint('wandb')}") from e
         if log_dir is not None:
             os.makedirs(log_dir, exist_ok=True)
         self._wandb = wandb

@@ -27,8 +27,28 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
+def _auto_device() -> torch.device:
+    """CUDA when this machine has a GPU, else the CPU; one log line says which and why."""
+    import logging
+
+    if torch.cuda.is_available():
+        device, why = torch.device("cuda"), "a CUDA device is available"
+    else:
+        device, why = torch.device("cpu"), "no CUDA device found"
+    logging.getLogger("torchft").info("device: auto -> %s (%s)", device.type, why)
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
-    """``cuda`` / ``cuda:N`` / ``cpu``, with a clear error when CUDA is asked for and missing."""
+    """``auto`` / ``cuda`` / ``cuda:N`` / ``cpu``, with a clear error when CUDA is asked for and missing.
+
+    ``auto`` picks CUDA when there is a GPU, else the CPU, and logs its choice;
+    an explicit ``cuda`` stays strict."""
+    if str(name) == "auto":
+        device = _auto_device()
+        if device.type != "cuda":
+            return device
+        name = "cuda"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -37,5 +57,5 @@ def resolve_device(name: str) -> torch.device:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(f"device ({name}) must be cpu, cuda or cuda:N")
+        raise ValueError(f"device ({name}) must be auto, cpu, cuda or cuda:N")
     return device

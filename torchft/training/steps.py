@@ -259,10 +259,15 @@ def total_training_steps(max_steps: int | None, epochs: float | None, batches_pe
 
 
 def check_resume_step(start_step: int, total_steps: int) -> None:
-    """A run resumed at ``start_step`` must have steps left before its last one (``total_steps``)."""
+    """A run resumed at ``start_step`` must have steps left before its last one (``total_steps``):
+    a finished run resumed as it is would exit at once, so one line says how to continue instead."""
+    if start_step == total_steps:
+        raise ValueError(f"step {start_step} is already the last one (this run has {total_steps} steps): nothing "
+                         f"to train; to continue, raise max_steps (e.g. max_steps={2 * total_steps})")
     if start_step > total_steps:
         raise ValueError(f"resume_from_checkpoint is at step {start_step}, past this run's last step "
-                         f"({total_steps}, from max_steps / epochs): raise max_steps or resume an earlier step")
+                         f"({total_steps}, from max_steps / epochs): raise max_steps above {start_step} or resume "
+                         f"an earlier step")
 
 
 def optimizer_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: ChunkedCrossEntropy, optimizer,
