@@ -234,3 +234,22 @@ def test_save_with_a_gathered_adapter_state_dict(tmp_path):
     assert len(saved) == len(gathered)
     with pytest.raises(ValueError, match=r"adapter state dict is missing keys: layers.1.self_attn.v_proj.lora_b.weight"):
         save_peft_adapter(model, tmp_path, adapter_state_dict={k: v for k, v in gathered.items() if "1.self_attn.v_proj.lora_b" not in k})
+
+
+def test_a_step_folder_loads_the_adapter_inside_it(saved_adapter, tmp_path):
+    """A run's step_<N>/ folder holds the merged model and, in adapter/, the adapter: naming the step
+    folder loads that adapter; a folder with neither says what it expected."""
+    folder, kwargs = saved_adapter
+    step = tmp_path / "step_10"
+    (step / "adapter").mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (step / "adapter" / name).write_bytes((folder / name).read_bytes())
+    (step / "config.json").write_text("{}")  # the merged model's files sit beside adapter/
+    from_step, from_adapter = _tiny_torchft(**kwargs), _tiny_torchft(**kwargs)
+    assert read_peft_adapter_config(step) == read_peft_adapter_config(folder)
+    load_peft_adapter(from_step, step)
+    load_peft_adapter(from_adapter, folder)
+    torch.testing.assert_close(get_adapter_params(from_step), get_adapter_params(from_adapter), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"step_9/adapter_config.json: no such file; expected a PEFT adapter "
+                                                r"folder \(or a step_<N> folder with adapter/adapter_config.json\)"):
+        load_peft_adapter(from_step, tmp_path / "step_9")

@@ -35,3 +35,13 @@ def test_config_model_builds_on_meta(recipe, config):
     layers = {"1B": 16, "3B": 28, "7B": 32, "8B": 32}[size]
     assert model.args.num_layers == layers
     assert model.args.vocab_size == (32000 if family == "llama2" else 128256)
+
+
+ADAPTER_CONFIGS = [(r, c) for r, c in registry.all_configs() if r.name.startswith("lora_finetune")]
+
+
+@pytest.mark.parametrize("recipe,config", ADAPTER_CONFIGS, ids=[c.name for _, c in ADAPTER_CONFIGS])
+def test_every_adapter_config_takes_use_dora(recipe, config):
+    # the docs promise `model.use_dora=true` on any LoRA config: the override needs the key to exist
+    cfg = load_config(config.name, ["model.use_dora=true"])
+    assert cfg.model.use_dora is True

@@ -1,5 +1,8 @@
 """The quickstart, exactly as shipped (only its folders moved under tmp): the README's main command."""
 import json
+import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,9 +10,36 @@ import torch
 from torchft._recipes import full_finetune_single_device, lora_finetune_single_device
 from torchft.config import load_config
 
+from torchft.checkpoint.peft import ADAPTER_WEIGHTS_NAME as ADAPTER_FILE
+
 from ._finetune import restore_torch_threads, val_losses
 
 _threads = pytest.fixture(autouse=True)(restore_torch_threads)
+
+# The quickstart figures README.md and docs/quickstart.md quote come from these runs. "about X (within
+# T)" is checked within T; "below X" as an upper bound; parameter counts to the digits printed.
+ROOT = Path(__file__).resolve().parents[2]
+README, QUICKSTART = (ROOT / "README.md").read_text(), (ROOT / "docs" / "quickstart.md").read_text()
+
+
+def _quoted(text: str, pattern: str) -> list[float]:
+    found = re.search(pattern, " ".join(text.split()))  # figures may wrap across lines
+    assert found, f"the docs no longer quote {pattern!r}: update this test with them"
+    return [float(g) for g in found.groups()]
+
+
+def _numel_millions(path: Path) -> float:
+    """Parameters in a safetensors file, in millions to the 2 decimals the docs print."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return round(sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6, 2)
+
+
+def _check_validation_figures(val: dict[int, float], text: str, pattern: str) -> None:
+    about, within, below = _quoted(text, pattern)
+    assert abs(val[0] - about) <= within, (val[0], about, within)
+    assert val[max(val)] < below, (val[max(val)], below)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +97,20 @@ def _gguf_generates_the_same_text(step, gguf_path):
         texts.append(ours.decode(out[0, len(prompt):].tolist()))
     assert texts[0] == texts[1] and texts[0].strip()
 
+    # the figures the docs quote
+    _check_validation_figures(val, QUICKSTART, r"`step 0: validation loss` of about ([\d.]+) \(within ([\d.]+)\)"
+                                               r".*?\(below ([\d.]+) at the end\)")
+    total, adapter = _numel_millions(step / "model.safetensors"), _numel_millions(step / "adapter" / ADAPTER_FILE)
+    assert _quoted(QUICKSTART, r"([\d.]+)M parameters; its LoRA adapters add ([\d.]+)M") == [total, adapter]
+    assert _quoted(README, r"\(([\d.]+)M parameters, made.*?\(([\d.]+)M trainable adapter") == [total, adapter]
+    about, below = _quoted(README, r"validation loss \(about ([\d.]+) at step 0, below ([\d.]+) at the end")
+    assert abs(val[0] - about) <= 1 and val[final_step] < below
+    after = out.split("samples after fine-tuning:")[1]
+    quoted = re.findall(r"(`'[^`]*' -> '[^`]*'`)", " ".join((README + QUICKSTART).split()))
+    assert len(quoted) >= 3
+    for sample in quoted:
+        assert sample.strip("`") in " ".join(after.split()), sample
+
 
 def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):
     from transformers import AutoModelForCausalLM
@@ -74,4 +118,7 @@ def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):
     _run(full_finetune_single_device, "full_single_device", tmp_path, base_dir, capsys)
     val = val_losses(tmp_path / "out")
     assert val[max(val)] <= 0.5 * val[0]
+    _check_validation_figures(val, QUICKSTART, r"full fine-tuning variant .*?\(validation loss from about ([\d.]+) "
+                                               r"\(within ([\d.]+)\) to below ([\d.]+) in 400 steps\)")
+    assert max(val) == 400
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"step_{max(val)}")

@@ -40,6 +40,7 @@ from torchft.checkpoint.hf import (
     write_hf_weights,
     CONFIG_FILE,
 )
+from torchft.checkpoint.peft import ADAPTER_DIR
 from torchft.checkpoint.meta import (
     consolidated_file, load_meta_args, load_meta_checkpoint, read_meta_params, write_meta_weights,
 )
@@ -55,7 +56,7 @@ MERGE_ONTO = ("checkpoint", "model")
 # transformers, finding ``adapter_config.json`` next to a ``config.json``, applies the adapter on top of
 # that folder's weights, which would add it twice. So ``from_pretrained("step_<N>")`` is the merged
 # model and ``PeftModel.from_pretrained(base, "step_<N>/adapter")`` the same model as base + adapter.
-ADAPTER_DIR = "adapter"
+# (ADAPTER_DIR, imported above, names that sub-folder; the adapter loaders look into it too.)
 
 
 def step_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -149,11 +149,26 @@ def save_peft_adapter(
 
 
 # ---- load --------------------------------------------------------------------------------------------
+# A fine-tuning run's step folder keeps its adapter in this sub-folder (beside the merged model).
+ADAPTER_DIR = "adapter"
+
+
+def resolve_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
+    """The folder holding ``adapter_config.json``: ``adapter_dir`` itself, or its ``adapter/`` sub-folder
+    when ``adapter_dir`` is a run's ``step_<N>/`` folder (which holds the merged model beside it)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG_NAME).is_file() and (adapter_dir / ADAPTER_DIR / ADAPTER_CONFIG_NAME).is_file():
+        return adapter_dir / ADAPTER_DIR
+    return adapter_dir
+
+
 def read_peft_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``adapter_config.json``; only LoRA adapters with options torchft implements pass."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    """The parsed ``adapter_config.json`` of ``adapter_dir`` (or of its ``adapter/`` sub-folder, see
+    :func:`resolve_adapter_dir`); only LoRA adapters with options torchft implements pass."""
+    path = resolve_adapter_dir(adapter_dir) / ADAPTER_CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; expected a PEFT adapter folder")
+        raise FileNotFoundError(f"{path}: no such file; expected a PEFT adapter folder "
+                                f"(or a step_<N> folder with {ADAPTER_DIR}/{ADAPTER_CONFIG_NAME})")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -209,7 +224,8 @@ def peft_config_to_lora_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 def load_peft_adapter(
     model: nn.Module, adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None
 ) -> dict[str, Any]:
-    """Load an HF PEFT LoRA/DoRA adapter folder into a torchft model built with matching LoRA options.
+    """Load an HF PEFT LoRA/DoRA adapter folder (or a run's ``step_<N>/`` folder, whose ``adapter/`` it
+    reads) into a torchft model built with matching LoRA options.
 
     Checked first, each with one clear error: the config is a LoRA adapter for the expected base model
     (when both names are known), its rank / alpha / DoRA flag / targets match the model's, and the weight
@@ -219,7 +235,7 @@ def load_peft_adapter(
 
     from torchft.modules.peft import load_adapter_state_dict, state_dict_keys, validate_lora_state_dict
 
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = resolve_adapter_dir(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG_NAME
     config = read_peft_adapter_config(adapter_dir)
     adapter_base = config.get("base_model_name_or_path")
