@@ -45,7 +45,7 @@ def _broadcast(value):
 @contextlib.contextmanager
 def shared_atomic_directory(target: Path, is_main: bool):
     """A temporary folder every rank writes into; rank 0 renames it to ``target`` once all are done."""
-    from torchft.checkpoint._io import atomic_directory
+    from torchft.checkpoint import atomic_directory
 
     if is_main:
         with atomic_directory(target, overwrite=True) as tmp:
@@ -203,7 +203,7 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
     from torchft.checkpoint.checkpointer import ADAPTER_DIR, TRAINING_STATE_FILE
     from torchft.checkpoint.hf import CONFIG_FILE
     from torchft.checkpoint.peft import save_peft_adapter
-    from torchft.checkpoint._io import copy_support_files
+    from torchft.checkpoint import copy_support_files
     from torchft.modules.peft import get_adapter_params
 
     target = checkpointer.step_dir(step)
@@ -220,7 +220,7 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
                                   adapter_state_dict=adapters)
             torch.save(dict(recipe_state), tmp / TRAINING_STATE_FILE)
     if is_main:
-        checkpointer._prune(keep=target)
+        checkpointer.prune(keep=target)
     return target
 
 
