@@ -199,10 +199,12 @@ def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
     base = make_base(root, TINY_NF4_SHARDABLE)
     extra = ["+model.quantize_base=true", "+model.use_dora=true", "model.lora_rank=8", "model.lora_alpha=16",
              "max_steps=2", "optimizer.lr=1e-3"]
-    for run, nproc in (("dist", 2), ("dist1", 1)):  # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
+    onto_model = ["+checkpointer.merge_onto=model"]  # the merged export of the NF4-dequantized weights
+    for run, nproc, more in (("dist", 2, []), ("dist1", 1, onto_model)):  # 1 rank: NF4 is not sharded there
         _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                       tiny_overrides(root / run, base, *data, extra), nproc=nproc))
-    lora_finetune_single_device.main(tiny_config("lora", root / "single", base, single_device_overrides(extra)))
+                       tiny_overrides(root / run, base, *data, [*extra, *more]), nproc=nproc))
+    for run, more in (("single", []), ("single_onto_model", onto_model)):
+        lora_finetune_single_device.main(tiny_config("lora", root / run, base, single_device_overrides([*extra, *more])))
     reference = train_losses(root / "single" / "out")
     adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
     assert any("magnitude" in k for k in adapter("single"))
@@ -211,6 +213,12 @@ def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
         assert list(losses) == [1, 2]
         assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
         assert _max_diff(adapter(run), adapter("single")) < 1e-4
+    # merged exports: onto the checkpoint's original weights, each rank its rows, as on one device (not the NF4
+    # approximation); merge_onto=model keeps the dequantized variant
+    merged = lambda run: load_file(root / run / "out" / "step_2" / "model.safetensors")
+    assert _max_diff(merged("dist"), merged("single")) < 1e-4
+    assert _max_diff(merged("dist1"), merged("single_onto_model")) < 1e-4
+    assert _max_diff(merged("single"), merged("single_onto_model")) > 1e-3  # NF4 rounding: the two differ
 
 
 def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):

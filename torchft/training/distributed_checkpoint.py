@@ -4,6 +4,7 @@
 sharded training state:
 
     step_<N>/model*.safetensors (+ index)   the (merged) model; each rank writes its own rows with DCP's
+                                            (adapters merged onto its rows of the input checkpoint)
                                             HuggingFaceStorageWriter, then rank 0 joins the files
     step_<N>/config.json, tokenizer files   copied from the input model
     step_<N>/adapter/                       adapter recipes: the PEFT adapter (small, gathered on rank 0)
@@ -74,13 +75,32 @@ def _like(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _rows_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``full`` (e.g. memory-mapped from the checkpoint) as ``param`` holds them:
+    the same split FSDP made (dim 0, over each sharded mesh dimension); all of it for a whole model."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return full
+    rows = full
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            mesh = param.device_mesh
+            rows = torch.chunk(rows, mesh.size(mesh_dim), dim=0)[mesh.get_local_rank(mesh_dim)]
+    return rows.to(_local(param).device)
+
+
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, base_weights: Mapping[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """HF-named weights of the model with every adapter merged, as DTensors of this rank's rows.
 
     Each rank merges its own rows (the base rows plus B's rows times A, DoRA's magnitude rows), so
     nothing is gathered but A [r, in]; the math is ``merge_adapter_weight``'s, one formula for every
-    export. NF4 base weights are dequantized.
+    export. ``base_weights``: the original weights (torchft keys, memory-mapped from the checkpoint):
+    every frozen tensor is then this rank's rows of it, and adapters merge onto them (a QLoRA export
+    is the original plus the update, not the NF4 approximation), as on one device; without it NF4
+    base weights are dequantized.
     """
     from torchft.checkpoint.hf import torchft_to_hf_key
     from torchft.modules.peft import LoRALinear
@@ -99,12 +119,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, LoRALinear) and name == "magnitude":
                 continue
+            original = None
+            if base_weights is not None and not param.requires_grad and prefix + name in base_weights:
+                original = _rows_of(base_weights[prefix + name], param)  # [rows of this rank, ...]
             if isinstance(module, LoRALinear) and name == "weight":
                 magnitude = getattr(module, "magnitude", None)  # DoRA: [out / shards]
-                rows = merge_adapter_weight(dequantize(_local(module.weight)),  # [out / shards, in]
+                base = original if original is not None else dequantize(_local(module.weight))
+                rows = merge_adapter_weight(base,  # [out / shards, in]
                                             full_tensor(module.lora_a.weight),  # [r, in]
                                             _local(module.lora_b.weight),  # [out / shards, r]
                                             module.scaling, None if magnitude is None else _local(magnitude))
+            elif original is not None:
+                rows = original
             elif isinstance(module, FrozenLinear) and name == "weight":
                 rows = dequantize(_local(param))
             else:
@@ -113,14 +139,16 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write the merged model as HF safetensors into ``folder`` (a collective: every rank calls it)."""
+def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB",
+                    base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the merged model as HF safetensors into ``folder`` (a collective: every rank calls it);
+    ``base_weights`` as in :func:`merged_state_dict`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     from torchft.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, plan_shards
 
-    state = merged_state_dict(model)
+    state = merged_state_dict(model, base_weights)
     files = plan_shards(state, max_shard_size)  # [[hf key, ...] per file], the HF split
     mapping = {key: i for i, keys in enumerate(files, start=1) for key in keys}
     writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=mapping, save_distributed=True,
@@ -209,7 +237,11 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
     target = checkpointer.step_dir(step)
     with shared_atomic_directory(target, is_main) as tmp:
         save_trainable_state(model, optimizer, tmp / DCP_DIR, adapters_only)
-        write_merged_hf(model, tmp, checkpointer.max_shard_size)
+        # adapters merge onto the checkpoint's own weights (memory-mapped, this rank's rows read), unless
+        # checkpointer.merge_onto is "model" (QLoRA: onto the dequantized NF4 weights)
+        onto_checkpoint = adapters_only and checkpointer.merge_onto == "checkpoint"
+        base = checkpointer.load_model_state_dict() if onto_checkpoint else None
+        write_merged_hf(model, tmp, checkpointer.max_shard_size, base)
         adapters = {name: full_tensor(p.detach()).cpu() for name, p in get_adapter_params(model).items()}
         if is_main:
             (tmp / CONFIG_FILE).write_text(json.dumps(checkpointer.hf_config, indent=2, sort_keys=True) + "\n")
