@@ -4,8 +4,8 @@
 sharded training state:
 
     step_<N>/model*.safetensors (+ index)   the (merged) model; each rank writes its own rows with DCP's
-                                            (adapters merged onto its rows of the input checkpoint)
                                             HuggingFaceStorageWriter, then rank 0 joins the files
+                                            (adapters merged onto its rows of the input checkpoint)
     step_<N>/config.json, tokenizer files   copied from the input model
     step_<N>/adapter/                       adapter recipes: the PEFT adapter (small, gathered on rank 0)
     step_<N>/distributed/                   DCP: the trainable weights (full: the model; adapters: the
