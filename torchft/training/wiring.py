@@ -157,10 +157,12 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
     from torchft.modules.peft import get_adapter_params, set_trainable_params
     from torchft.training.activations import apply_activation_checkpointing
     from torchft.training.compile import compile_layers
-    from torchft.training.distributed import check_loaded, check_nf4_shardable, load_sharded_weights, shard_model
+    from torchft.training.distributed import (check_cpu_offload, check_loaded, check_nf4_shardable,
+                                              load_sharded_weights, shard_model)
     from torchft.training.setup import check_same_architecture, default_dtype
 
     env = run.env
+    check_cpu_offload(cpu_offload, env.device)
     with torch.device("meta"), default_dtype(run.dtype):
         model = build()
     check_same_architecture(model.args, checkpointer.model_args, checkpointer.checkpoint_dir)
