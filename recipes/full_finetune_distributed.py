@@ -18,15 +18,13 @@ from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.distributed import init_distributed, per_rank_batch_size
-from torchft.training.distributed_steps import sharded_optimizer_step, sharded_validation_loss
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.setup import check_tokenizer_fits, start_writing
-from torchft.training.steps import StepResult
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, log_model, make_loop,
-                                     resume_sharded, run_identity_checked, run_length, sharded_save, start_run,
-                                     train, trainable_params)
+                                     resume_sharded, run_identity_checked, run_length, sft_train_step,
+                                     sft_validation, sharded_save, start_run, train, trainable_params)
 
 log = logging.getLogger("torchft")
 RECIPE = "full_finetune_distributed"
@@ -74,15 +72,12 @@ def main(cfg: DictConfig) -> None:
                         adapters_only=False, global_batch_size=cfg.batch_size)
 
     # ------------------------------------------------------------------ loop
-    def train_step(micro_batches: list[dict], step: int) -> StepResult:
-        return sharded_optimizer_step(model, micro_batches, loss_fn, optimizer, lr_scheduler,
-                                      max_grad_norm=cfg.get("clip_grad_norm"),
-                                      offload_activations=cfg.get("enable_activation_offloading", False))
-
+    train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
+                                max_grad_norm=cfg.get("clip_grad_norm"),
+                                offload_activations=cfg.get("enable_activation_offloading", False))
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=None if val_loader is None else partial(sharded_validation_loss, model, val_loader,
-                                                                      loss_fn, run.device),
+                     validate=sft_validation(model, val_loader, loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

@@ -20,11 +20,9 @@ from torchft.training.optim import OptimizerInBackward
 from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import (StepResult, optimizer_step,
-                                    validation_loss)
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, run_length,
-                                     start_run, train, trainable_params)
+                                     sft_train_step, sft_validation, start_run, train, trainable_params)
 
 log = logging.getLogger("torchft")
 
@@ -81,15 +79,12 @@ def main(cfg: DictConfig) -> None:
         print_samples("samples before fine-tuning:", model, tokenizer, prompts, cfg.sample_max_new_tokens)
 
     # ------------------------------------------------------------------ loop
-    def train_step(micro_batches: list[dict], step: int) -> StepResult:
-        return optimizer_step(model, micro_batches, loss_fn, optimizer, lr_scheduler,
-                              max_grad_norm=cfg.get("clip_grad_norm"),
-                              offload_activations=cfg.get("enable_activation_offloading", False))
-
+    train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
+                                max_grad_norm=cfg.get("clip_grad_norm"),
+                                offload_activations=cfg.get("enable_activation_offloading", False))
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=None if val_loader is None else partial(validation_loss, model, val_loader, loss_fn,
-                                                                      device),
+                     validate=sft_validation(model, val_loader, loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

@@ -102,7 +102,7 @@ def test_help_of_tune_and_every_subcommand():
 def test_usage_errors_exit_2_with_one_line():
     assert tune().returncode == 2
     line = one_error_line(tune("bogus"), code=2)
-    assert line == "tune: error: unknown command 'bogus' (choose from run, ls, cp, cat, validate, download, estimate) (see 'tune --help')"
+    assert line == "tune: error: unknown command 'bogus' (choose from run, ls, cp, cat, validate, download, estimate, export) (see 'tune --help')"
     line = one_error_line(tune("valdate", "x.yaml"), code=2)
     assert line == "tune: error: unknown command 'valdate' (did you mean 'validate'?) (see 'tune --help')"
     line = one_error_line(tune("cp", "only_one_argument"), code=2)

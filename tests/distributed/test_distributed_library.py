@@ -159,3 +159,29 @@ def test_in_a_job_each_error_is_said_once(monkeypatch, capsys, rank, error, said
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err == (f"recipe.py: error: {exc}\n" if said else "")
+
+
+def test_cpu_offload_is_refused_on_cpu_processes():
+    from torchft.config import ConfigError
+    from torchft.training.distributed import check_cpu_offload
+
+    check_cpu_offload(False, torch.device("cpu"))
+    check_cpu_offload(True, torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match=r"cpu_offload=true keeps the GPU shards in host memory and needs "
+                                          r"device=cuda; on device=cpu .*set cpu_offload=false$"):
+        check_cpu_offload(True, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_cpu_offload_and_fp32_reduce_train_on_2_gpus(tmp_path):
+    from tests.recipes._finetune import make_base, make_data, train_losses
+
+    from ._launch import launch, tiny_overrides
+
+    base, data = make_base(tmp_path), make_data(tmp_path, val_rows=7)
+    result = launch("full_finetune_distributed", "quickstart/full_distributed", tiny_overrides(
+        tmp_path, base, *data, ["device=cuda", "dtype=bf16", "cpu_offload=true", "fp32_reduce=true"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = train_losses(tmp_path / "out")
+    assert list(losses) == [1, 2, 3, 4] and losses[4] < losses[1]

@@ -180,9 +180,11 @@ def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
     from torchft._recipes import full_finetune_single_device
 
     dist, single = tmp_path / "dist", tmp_path / "single"
-    # activation checkpointing recomputes each layer inside FSDP's gathered unit: the same numbers
+    # activation checkpointing recomputes each layer inside FSDP's gathered unit, and fp32 reduction of fp32
+    # gradients changes nothing either: the same numbers
     _run_ok(launch("full_finetune_distributed", "quickstart/full_distributed",
-                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true"])))
+                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true",
+                                                      "fp32_reduce=true"])))
     full_finetune_single_device.main(tiny_config("full", single, base, single_device_overrides(["optimizer.lr=1e-3"])))
     losses, reference = train_losses(dist / "out"), train_losses(single / "out")
     assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
@@ -191,37 +193,54 @@ def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
     assert not (dist / "out" / "step_4" / "adapter").exists()
 
 
-def _quantized_dora_matches_one_device(root, base, data, quantize_base, world_sizes):
-    """DoRA over a quantized base for 2 steps on each world size and on one device: the same losses and
-    adapters (the base quantized whole then split, so every rank holds the rows one device would)."""
+def _quantized_dora_matches_one_device(root, base, data, quantize_base, runs):
+    """DoRA over a quantized base for 2 steps: each distributed run in ``runs`` ((name, nproc, more
+    overrides); its one-device twin is ``single`` + the name's suffix after "dist<nproc>") has the
+    same losses and adapters as one device (the base quantized whole then split, so every rank holds
+    the rows one device would). Returns the step-2 merged weights of every run by name."""
     from torchft._recipes import lora_finetune_single_device
 
     extra = [f"+model.quantize_base={quantize_base}", "+model.use_dora=true", "model.lora_rank=8",
              "model.lora_alpha=16", "max_steps=2", "optimizer.lr=1e-3"]
-    for nproc in world_sizes:
+    singles = {}
+    for name, nproc, more in runs:
         _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                       tiny_overrides(root / f"dist{nproc}", base, *data, extra), nproc=nproc))
-    lora_finetune_single_device.main(tiny_config("lora", root / "single", base, single_device_overrides(extra)))
+                       tiny_overrides(root / name, base, *data, [*extra, *more]), nproc=nproc))
+        singles["single" + name[len(f"dist{nproc}"):]] = more
+    for name, more in singles.items():
+        lora_finetune_single_device.main(tiny_config("lora", root / name, base, single_device_overrides([*extra, *more])))
     reference = train_losses(root / "single" / "out")
     adapter = lambda run: load_file(root / run / "out" / "step_2" / "adapter" / "adapter_model.safetensors")
     assert any("magnitude" in k for k in adapter("single"))
-    for nproc in world_sizes:
-        losses = train_losses(root / f"dist{nproc}" / "out")
+    for name, nproc, more in runs:
+        losses = train_losses(root / name / "out")
         assert list(losses) == [1, 2]
         assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
-        assert _max_diff(adapter(f"dist{nproc}"), adapter("single")) < 1e-4
+        assert _max_diff(adapter(name), adapter("single")) < 1e-4
+    return {run: load_file(root / run / "out" / "step_2" / "model.safetensors")
+            for run in [*singles, *(name for name, _, _ in runs)]}
 
 
 def test_qlora_dora_on_2_ranks_matches_one_device(tmp_path_factory, data):
     """NF4 base weights quantized whole then split: the same model as on one device, DoRA magnitudes too."""
     root = tmp_path_factory.mktemp("qlora")
+    onto_model = ["+checkpointer.merge_onto=model"]  # the merged export of the NF4-dequantized weights
     # 1 rank: NF4 is not sharded (FSDP2 fails on it there)
-    _quantized_dora_matches_one_device(root, make_base(root, TINY_NF4_SHARDABLE), data, "true", (2, 1))
+    merged = _quantized_dora_matches_one_device(root, make_base(root, TINY_NF4_SHARDABLE), data, "true",
+                                                [("dist2", 2, []), ("dist1_onto_model", 1, onto_model)])
+    # merged exports: onto the checkpoint's original weights, each rank its rows, as on one device (not the NF4
+    # approximation); merge_onto=model keeps the dequantized variant
+    assert _max_diff(merged["dist2"], merged["single"]) < 1e-4
+    assert _max_diff(merged["dist1_onto_model"], merged["single_onto_model"]) < 1e-4
+    assert _max_diff(merged["single"], merged["single_onto_model"]) > 1e-3  # NF4 rounding: the two differ
 
 
 def test_int8_base_dora_on_2_ranks_matches_one_device(tmp_path_factory, base, data):
-    """int8 rows sharded by FSDP2 (any shape), per-row scales whole on every rank: as on one device."""
-    _quantized_dora_matches_one_device(tmp_path_factory.mktemp("int8"), base, data, "int8", (2,))
+    """int8 rows sharded by FSDP2 (any shape), per-row scales whole on every rank: as on one device, and
+    the merged export sits on the original weights there too."""
+    merged = _quantized_dora_matches_one_device(tmp_path_factory.mktemp("int8"), base, data, "int8",
+                                                [("dist2", 2, [])])
+    assert _max_diff(merged["dist2"], merged["single"]) < 1e-4
 
 
 def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):

@@ -80,3 +80,16 @@ def test_a_model_of_another_architecture_is_refused(tmp_path):
     config = {**__import__("json").loads((base / "config.json").read_text()), "num_hidden_layers": 1}
     with pytest.raises(ValueError, match=r"holds another architecture than the config's model"):
         build_model(lambda: from_hf_config(config), HFCheckpointer(base, tmp_path / "out"), run, trainable="all")
+
+
+def test_training_reaches_only_the_public_names_of_torchft_checkpoint():
+    """What torchft.training shares with torchft.checkpoint is public there (no private module or helper)."""
+    import re
+    from pathlib import Path
+
+    import torchft.training
+
+    private = re.compile(r"from torchft\.checkpoint(\.\w+)* import _|torchft\.checkpoint\._|checkpointer\._")
+    uses = [f"{path.name}:{n}" for path in Path(torchft.training.__file__).parent.glob("*.py")
+            for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert uses == []

@@ -6,6 +6,7 @@
 - PEFT adapters: ``save_peft_adapter`` / ``load_peft_adapter``
 - recipes: ``HFCheckpointer``, ``MetaCheckpointer``, ``latest_step_dir``, ``resolve_resume_dir``,
   ``set_aside_later_steps``
+- writing step folders: ``atomic_directory`` (written aside, renamed into place), ``copy_support_files``
 
 Names are imported on first use, so importing this package stays cheap and a problem in one
 module never breaks the others.
@@ -14,6 +15,8 @@ import importlib
 
 _EXPORTS = {
     "CheckpointError": "_io",
+    "atomic_directory": "_io",
+    "copy_support_files": "_io",
     "load_hf_checkpoint": "hf",
     "save_hf_checkpoint": "hf",
     "load_hf_args": "hf",

@@ -254,10 +254,11 @@ class _StepCheckpointer:
                                   **dict(adapter_kwargs or {}))
             if training_state is not None:
                 torch.save(dict(training_state), tmp / TRAINING_STATE_FILE)
-        self._prune(keep=target)
+        self.prune(keep=target)
         return target
 
-    def _prune(self, keep: Path) -> None:
+    def prune(self, keep: Path) -> None:
+        """Delete the oldest step folders beyond ``keep_last_n`` (``keep``, the one just written, stays)."""
         if self.keep_last_n is None:
             return
         others = [path for _, path in step_dirs(self.output_dir) if path != keep]

@@ -157,6 +157,17 @@ def has_nf4_weights(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ sharding
+def check_cpu_offload(cpu_offload: bool, device: torch.device) -> None:
+    """``cpu_offload`` moves GPU shards to host memory: on CPU processes there is nothing to move (and
+    FSDP2's offload policy needs an accelerator), so the setting is refused in one line."""
+    from torchft.config import ConfigError
+
+    if cpu_offload and torch.device(device).type != "cuda":
+        raise ConfigError(f"cpu_offload=true keeps the GPU shards in host memory and needs device=cuda; on "
+                          f"device={torch.device(device).type} the weights are in host memory already: "
+                          f"set cpu_offload=false")
+
+
 def shard_model(model: nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype | None = None, cpu_offload: bool = False,
                 reshard_after_forward: bool = True) -> bool:

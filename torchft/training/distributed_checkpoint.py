@@ -5,6 +5,7 @@ sharded training state:
 
     step_<N>/model*.safetensors (+ index)   the (merged) model; each rank writes its own rows with DCP's
                                             HuggingFaceStorageWriter, then rank 0 joins the files
+                                            (adapters merged onto its rows of the input checkpoint)
     step_<N>/config.json, tokenizer files   copied from the input model
     step_<N>/adapter/                       adapter recipes: the PEFT adapter (small, gathered on rank 0)
     step_<N>/distributed/                   DCP: the trainable weights (full: the model; adapters: the
@@ -45,7 +46,7 @@ def _broadcast(value):
 @contextlib.contextmanager
 def shared_atomic_directory(target: Path, is_main: bool):
     """A temporary folder every rank writes into; rank 0 renames it to ``target`` once all are done."""
-    from torchft.checkpoint._io import atomic_directory
+    from torchft.checkpoint import atomic_directory
 
     if is_main:
         with atomic_directory(target, overwrite=True) as tmp:
@@ -74,6 +75,21 @@ def _like(rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _rows_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``full`` (e.g. memory-mapped from the checkpoint) as ``param`` holds them:
+    the same split FSDP made (dim 0, over each sharded mesh dimension); all of it for a whole model."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return full
+    rows = full
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            mesh = param.device_mesh
+            rows = torch.chunk(rows, mesh.size(mesh_dim), dim=0)[mesh.get_local_rank(mesh_dim)]
+    return rows.to(_local(param).device)
+
+
 @torch.no_grad()
 def _base_rows(module) -> torch.Tensor:
     """This rank's rows [out / shards, in] of a frozen base weight, dequantized (int8: with its scale rows)."""
@@ -84,12 +100,17 @@ def _base_rows(module) -> torch.Tensor:
     return dequantize(_local(module.weight))
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, base_weights: Mapping[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """HF-named weights of the model with every adapter merged, as DTensors of this rank's rows.
 
     Each rank merges its own rows (the base rows plus B's rows times A, DoRA's magnitude rows), so
     nothing is gathered but A [r, in]; the math is ``merge_adapter_weight``'s, one formula for every
-    export. NF4 and int8 base weights are dequantized.
+    export. ``base_weights``: the original weights (torchft keys, memory-mapped from the checkpoint):
+    every frozen tensor is then this rank's rows of it, and adapters merge onto them (a QLoRA export
+    is the original plus the update, not the NF4 approximation), as on one device; without it NF4
+    and int8 base weights are dequantized.
     """
     from torchft.checkpoint.hf import torchft_to_hf_key
     from torchft.modules.peft import LoRALinear
@@ -107,12 +128,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, LoRALinear) and name == "magnitude":
                 continue
+            original = None
+            if base_weights is not None and not param.requires_grad and prefix + name in base_weights:
+                original = _rows_of(base_weights[prefix + name], param)  # [rows of this rank, ...]
             if isinstance(module, LoRALinear) and name == "weight":
                 magnitude = getattr(module, "magnitude", None)  # DoRA: [out / shards]
-                rows = merge_adapter_weight(_base_rows(module),  # [out / shards, in]
+                base = original if original is not None else _base_rows(module)  # [out / shards, in]
+                rows = merge_adapter_weight(base,
                                             full_tensor(module.lora_a.weight),  # [r, in]
                                             _local(module.lora_b.weight),  # [out / shards, r]
                                             module.scaling, None if magnitude is None else _local(magnitude))
+            elif original is not None:
+                rows = original
             elif isinstance(module, FrozenLinear) and name == "weight":
                 rows = _base_rows(module)
             else:
@@ -121,14 +148,16 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB") -> None:
-    """Write the merged model as HF safetensors into ``folder`` (a collective: every rank calls it)."""
+def write_merged_hf(model: nn.Module, folder: Path, max_shard_size: int | str = "5GB",
+                    base_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write the merged model as HF safetensors into ``folder`` (a collective: every rank calls it);
+    ``base_weights`` as in :func:`merged_state_dict`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     from torchft.checkpoint.hf import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, plan_shards
 
-    state = merged_state_dict(model)
+    state = merged_state_dict(model, base_weights)
     files = plan_shards(state, max_shard_size)  # [[hf key, ...] per file], the HF split
     mapping = {key: i for i, keys in enumerate(files, start=1) for key in keys}
     writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=mapping, save_distributed=True,
@@ -211,13 +240,17 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
     from torchft.checkpoint.checkpointer import ADAPTER_DIR, TRAINING_STATE_FILE
     from torchft.checkpoint.hf import CONFIG_FILE
     from torchft.checkpoint.peft import save_peft_adapter
-    from torchft.checkpoint._io import copy_support_files
+    from torchft.checkpoint import copy_support_files
     from torchft.modules.peft import get_adapter_params
 
     target = checkpointer.step_dir(step)
     with shared_atomic_directory(target, is_main) as tmp:
         save_trainable_state(model, optimizer, tmp / DCP_DIR, adapters_only)
-        write_merged_hf(model, tmp, checkpointer.max_shard_size)
+        # adapters merge onto the checkpoint's own weights (memory-mapped, this rank's rows read), unless
+        # checkpointer.merge_onto is "model" (QLoRA: onto the dequantized NF4 weights)
+        onto_checkpoint = adapters_only and checkpointer.merge_onto == "checkpoint"
+        base = checkpointer.load_model_state_dict() if onto_checkpoint else None
+        write_merged_hf(model, tmp, checkpointer.max_shard_size, base)
         adapters = {name: full_tensor(p.detach()).cpu() for name, p in get_adapter_params(model).items()}
         if is_main:
             (tmp / CONFIG_FILE).write_text(json.dumps(checkpointer.hf_config, indent=2, sort_keys=True) + "\n")
@@ -228,7 +261,7 @@ def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, reci
                                   adapter_state_dict=adapters)
             torch.save(dict(recipe_state), tmp / TRAINING_STATE_FILE)
     if is_main:
-        checkpointer._prune(keep=target)
+        checkpointer.prune(keep=target)
     return target
 
 

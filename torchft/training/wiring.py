@@ -157,10 +157,12 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
     from torchft.modules.peft import get_adapter_params, set_trainable_params
     from torchft.training.activations import apply_activation_checkpointing
     from torchft.training.compile import compile_layers
-    from torchft.training.distributed import check_loaded, check_nf4_shardable, load_sharded_weights, shard_model
+    from torchft.training.distributed import (check_cpu_offload, check_loaded, check_nf4_shardable,
+                                              load_sharded_weights, shard_model)
     from torchft.training.setup import check_same_architecture, default_dtype
 
     env = run.env
+    check_cpu_offload(cpu_offload, env.device)
     with torch.device("meta"), default_dtype(run.dtype):
         model = build()
     check_same_architecture(model.args, checkpointer.model_args, checkpointer.checkpoint_dir)
@@ -233,6 +235,30 @@ def sharded_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_schedul
                                      is_main=run.is_main_process))
 
     return save
+
+
+def sft_train_step(model: nn.Module, loss_fn, optimizer, lr_scheduler, run: Run, *,
+                   max_grad_norm: float | None = None, offload_activations: bool = False):
+    """``train_step(micro_batches, step)`` of the supervised recipes: token-weighted cross-entropy over the
+    micro-batches, then the update (the sharded step under torchrun, with global values)."""
+    from torchft.training.distributed_steps import sharded_optimizer_step
+    from torchft.training.steps import optimizer_step
+
+    step_fn = optimizer_step if run.env is None else sharded_optimizer_step
+    return lambda micro_batches, step: step_fn(model, micro_batches, loss_fn, optimizer, lr_scheduler,
+                                               max_grad_norm=max_grad_norm, offload_activations=offload_activations)
+
+
+def sft_validation(model: nn.Module, val_loader, loss_fn, run: Run) -> Callable[[], float] | None:
+    """``validate()`` for the loop: the token-weighted loss over every validation sample (over all ranks
+    under torchrun), or None without a validation loader."""
+    from torchft.training.distributed_steps import sharded_validation_loss
+    from torchft.training.steps import validation_loss
+
+    if val_loader is None:
+        return None
+    return partial(validation_loss if run.env is None else sharded_validation_loss, model, val_loader, loss_fn,
+                   run.device)
 
 
 def make_loop(run: Run, total_steps: int, save: Callable[[int], str], metric_logger, *, start_step: int,
