@@ -83,7 +83,7 @@ def test_batch_not_divisible_by_the_ranks_is_one_line(config, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err == ("tune: error: batch_size (2) is the global batch and must be divisible by the world size (4); "
-                   "world sizes that work: 1, 2")
+                   "nearest batch sizes that work: 4; world sizes that work: 1, 2")
 
 
 def test_overhead_line_states_the_cublas_workspaces(config, capsys):

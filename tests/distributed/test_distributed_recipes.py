@@ -200,7 +200,7 @@ def _quantized_dora_matches_one_device(root, base, data, quantize_base, runs):
     the rows one device would). Returns the step-2 merged weights of every run by name."""
     from torchft._recipes import lora_finetune_single_device
 
-    extra = [f"+model.quantize_base={quantize_base}", "+model.use_dora=true", "model.lora_rank=8",
+    extra = [f"+model.quantize_base={quantize_base}", "model.use_dora=true", "model.lora_rank=8",
              "model.lora_alpha=16", "max_steps=2", "optimizer.lr=1e-3"]
     singles = {}
     for name, nproc, more in runs:

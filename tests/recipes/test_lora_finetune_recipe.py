@@ -187,7 +187,7 @@ def test_dora_runs_and_peft_loads_it(tmp_path, base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config("lora", tmp_path, base, ["max_steps=2", "+model.use_dora=true", "~validation_dataset"])
+    cfg = tiny_config("lora", tmp_path, base, ["max_steps=2", "model.use_dora=true", "~validation_dataset"])
     recipe.main(cfg)
     step = tmp_path / "out" / "step_2"
     tokens = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(1))

@@ -73,6 +73,20 @@ def test_lora_quickstart_halves_the_validation_loss_and_loads_in_peft(tmp_path, 
         with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                                  step / "adapter")(tokens).logits
     torch.testing.assert_close(with_adapter, merged, rtol=1e-4, atol=1e-4)
+
+    # the figures the docs quote
+    _check_validation_figures(val, QUICKSTART, r"`step 0: validation loss` of about ([\d.]+) \(within ([\d.]+)\)"
+                                               r".*?\(below ([\d.]+) at the end\)")
+    total, adapter = _numel_millions(step / "model.safetensors"), _numel_millions(step / "adapter" / ADAPTER_FILE)
+    assert _quoted(QUICKSTART, r"([\d.]+)M parameters; its LoRA adapters add ([\d.]+)M") == [total, adapter]
+    assert _quoted(README, r"\(([\d.]+)M parameters, made.*?\(([\d.]+)M trainable adapter") == [total, adapter]
+    about, below = _quoted(README, r"validation loss \(about ([\d.]+) at step 0, below ([\d.]+) at the end")
+    assert abs(val[0] - about) <= 1 and val[final_step] < below
+    after = out.split("samples after fine-tuning:")[1]
+    quoted = re.findall(r"(`'[^`]*' -> '[^`]*'`)", " ".join((README + QUICKSTART).split()))
+    assert len(quoted) >= 3
+    for sample in quoted:
+        assert sample.strip("`") in " ".join(after.split()), sample
     _gguf_generates_the_same_text(step, tmp_path / "model.gguf")
 
 
@@ -96,20 +110,6 @@ def _gguf_generates_the_same_text(step, gguf_path):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=ours.stop_tokens)
         texts.append(ours.decode(out[0, len(prompt):].tolist()))
     assert texts[0] == texts[1] and texts[0].strip()
-
-    # the figures the docs quote
-    _check_validation_figures(val, QUICKSTART, r"`step 0: validation loss` of about ([\d.]+) \(within ([\d.]+)\)"
-                                               r".*?\(below ([\d.]+) at the end\)")
-    total, adapter = _numel_millions(step / "model.safetensors"), _numel_millions(step / "adapter" / ADAPTER_FILE)
-    assert _quoted(QUICKSTART, r"([\d.]+)M parameters; its LoRA adapters add ([\d.]+)M") == [total, adapter]
-    assert _quoted(README, r"\(([\d.]+)M parameters, made.*?\(([\d.]+)M trainable adapter") == [total, adapter]
-    about, below = _quoted(README, r"validation loss \(about ([\d.]+) at step 0, below ([\d.]+) at the end")
-    assert abs(val[0] - about) <= 1 and val[final_step] < below
-    after = out.split("samples after fine-tuning:")[1]
-    quoted = re.findall(r"(`'[^`]*' -> '[^`]*'`)", " ".join((README + QUICKSTART).split()))
-    assert len(quoted) >= 3
-    for sample in quoted:
-        assert sample.strip("`") in " ".join(after.split()), sample
 
 
 def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):
