@@ -125,7 +125,7 @@ def _quoted_runs(page: Path):
         if peak := re.search(r"^peak GPU memory \(allocated\): ([\d.]+) GiB", text, re.M):
             figures["peak"] = float(peak.group(1))
             figures["needed"] = float(re.search(r"^needed with allocator overhead.*: ([\d.]+) GiB", text, re.M).group(1))
-            for label, kind in (("weights", "weights"), ("NF4 base weights", "nf4_base")):
+            for label, kind in (("weights", "weights"), ("quantized base weights", "quantized_base")):
                 if quoted := re.search(rf"^  {label} +([\d.]+) GiB", text, re.M):
                     figures[kind] = float(quoted.group(1))
             if quoted := re.search(r"^  optimizer states .*\(([\d.]+) bytes per trainable parameter\)", text, re.M):

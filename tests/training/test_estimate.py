@@ -108,7 +108,7 @@ def assert_within_10_percent_above_the_weights(predicted, dims, **case):
     """The estimate of everything but the weights (activations, gradients, states, temporaries)
     is within 10% of the allocator's; the weights are the same bytes."""
     measured, weights = allocator_peak(dims, **case)
-    assert sum(predicted.breakdown[k] for k in ("weights", "nf4_base", "adapters")) == weights
+    assert sum(predicted.breakdown[k] for k in ("weights", "quantized_base", "adapters")) == weights
     assert abs((predicted.peak_bytes - weights) - (measured - weights)) <= 0.10 * (measured - weights), \
         (predicted.peak_bytes, measured, weights)
 
@@ -118,8 +118,9 @@ def assert_within_10_percent_above_the_weights(predicted, dims, **case):
     dict(dims=TINY),
     dict(dims=TINY, adapters=False, dtype=torch.float32),  # full fine-tuning: gradients and AdamW states of all weights
     dict(dims=SMALL_NF4, qlora=True, seq_len=64, accumulation=1),
+    dict(dims=SMALL_NF4, qlora="int8", seq_len=64, accumulation=1),  # int8 rows + scales: the quantized base too
     dict(dims=ONE_B_LAYER, batch_size=1, accumulation=1),
-], ids=["tiny_lora", "tiny_full", "nf4", "1b_layer"])
+], ids=["tiny_lora", "tiny_full", "nf4", "int8", "1b_layer"])
 def test_meta_estimate_within_10_percent_of_the_allocators_peak(case, checkpointing):
     case = dict(case, activation_checkpointing=checkpointing)
     dims = case.pop("dims")
@@ -127,7 +128,7 @@ def test_meta_estimate_within_10_percent_of_the_allocators_peak(case, checkpoint
     assert_within_10_percent_above_the_weights(predicted, dims, **case)
     assert predicted.breakdown["saved_activations"] > 0
     if case.get("qlora"):
-        assert predicted.breakdown["nf4_base"] > 0
+        assert predicted.breakdown["quantized_base"] > 0
     if case.get("adapters", True):
         assert predicted.breakdown["adapters"] > 0 and predicted.breakdown["weights"] > 0
 

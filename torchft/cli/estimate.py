@@ -25,7 +25,7 @@ cheapest settings that make it fit.
 
 KIND_LABELS = {
     "weights": "weights",
-    "nf4_base": "NF4 base weights",
+    "quantized_base": "quantized base weights",
     "adapters": "adapters",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",

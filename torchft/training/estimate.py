@@ -118,9 +118,11 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
     loss_params = output_params(model)
     micro_batches = min(gradient_accumulation_steps, 2)
     tracker = MemoryTracker()
+    quantized = {id(t) for m in model.modules() if getattr(m, "base_format", None) == "int8"
+                 for t in (m.weight, m.weight_scale)}  # int8 base rows and their scales
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         kind = "adapters" if adapter_model and tensor.requires_grad else "weights"
-        tracker.track(tensor, kind)
+        tracker.track(tensor, "quantized_base" if id(tensor) in quantized else kind)
     # Around the optimizer's own hooks (optimizer-in-backward updates in them), the update counts as
     # one fused kernel, as in the optimizer phase.
     phases: list[str] = []
@@ -292,7 +294,7 @@ def with_cublas_workspaces(estimate: MemoryEstimate) -> MemoryEstimate:
 
 
 # ---- distributed --------------------------------------------------------------------------------
-_SHARDED_KINDS = ("weights", "nf4_base", "adapters", "gradients", "optimizer_states")
+_SHARDED_KINDS = ("weights", "quantized_base", "adapters", "gradients", "optimizer_states")
 
 
 def fsdp_per_rank(estimate: MemoryEstimate, model: nn.Module, world_size: int, *, cpu_offload: bool = False,

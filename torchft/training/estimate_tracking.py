@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 from torchft.modules.peft._nf4 import is_nf4
 
 # The kinds a byte can be counted as, in the order reports list them.
-KINDS = ("weights", "nf4_base", "adapters", "gradients", "optimizer_states", "saved_activations",
+KINDS = ("weights", "quantized_base", "adapters", "gradients", "optimizer_states", "saved_activations",
          "temporaries", "loss_chunks")
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
@@ -83,7 +83,7 @@ class MemoryTracker(TorchDispatchMode):
             return
         if is_nf4(tensor):
             for name in tensor.__tensor_flatten__()[0]:
-                self.track(getattr(tensor, name), "nf4_base", retag=retag)
+                self.track(getattr(tensor, name), "quantized_base", retag=retag)
             return
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             return  # other wrapper subclasses: their inner tensors are tracked as they are made
