@@ -128,8 +128,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """AdamW for bf16 weights: fp32 math, weights and both moments stored in bf16 and rounded
     stochastically (6 bytes per parameter with the weight). Like torch's fused AdamW, it skips the
-    update on the device when its ``found_inf`` attribute ([] 1.0) is set. The update is compiled
-    (CPU and GPU; eager on ``meta``). ``seed`` offsets the rounding noise (each weight of
+    update on the device when its ``found_inf`` attribute ([] 1.0) is set. The update is one C loop
+    on the CPU (:mod:`torchft.training._cpu_adamw`; compiled where no C compiler is found), compiled on
+    a GPU, eager on ``meta``. ``seed`` offsets the rounding noise (each weight of
     :class:`OptimizerInBackward` has its own optimizer and seed).
 
     State per parameter, as torch's AdamW: ``step`` ([] fp32), ``exp_avg``, ``exp_avg_sq`` (bf16).
