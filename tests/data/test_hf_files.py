@@ -80,3 +80,23 @@ def test_an_unreadable_tokenizer_model_is_one_warning(tmp_path, caplog):
         assert copy_support_files(tmp_path / "input", tmp_path / "step") == ["tokenizer.model"]
     assert "tokenizer.model: no tokenizer.json written (" in caplog.text
     assert not (tmp_path / "step" / "tokenizer.json").exists()
+
+
+def test_each_save_of_a_run_converts_the_tokenizer_once(tmp_path, llama3_ranks_path, monkeypatch):
+    """Every save copies the same tokenizer.model: the conversion (slow for a real vocabulary) runs once,
+    and each step folder still gets the same files."""
+    from torchft.data.tokenizers import hf_files
+
+    monkeypatch.setattr(hf_files, "_CONVERTED", {})
+    calls = []
+    convert = hf_files.hf_tokenizer_files
+    monkeypatch.setattr(hf_files, "hf_tokenizer_files", lambda tok: calls.append(tok) or convert(tok))
+    source = tmp_path / "input"
+    source.mkdir()
+    shutil.copy(llama3_ranks_path, source / "tokenizer.model")
+    steps = [tmp_path / f"step_{n}" for n in (1, 2)]
+    for step in steps:
+        step.mkdir()
+        assert "tokenizer.json" in copy_support_files(source, step)
+    assert len(calls) == 1
+    assert (steps[0] / "tokenizer.json").read_text() == (steps[1] / "tokenizer.json").read_text()

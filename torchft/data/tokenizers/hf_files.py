@@ -18,6 +18,7 @@ with as the chat template, so ``apply_chat_template`` gives the ids ``tokenize_m
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -209,6 +210,21 @@ def hf_tokenizer_files(tokenizer: BaseTokenizer) -> dict[str, str]:
     }
 
 
+_CONVERTED: dict[str, dict[str, str]] = {}  # sha256 of a tokenizer file -> its HF files
+
+
+def _converted(path: Path) -> dict[str, str]:
+    """:func:`hf_tokenizer_files` of the tokenizer file at ``path``, once per distinct file (the digest of
+    its bytes, wherever it lies): every save of a run writes the same files, and recovering the merges of a
+    128k-token vocabulary is too slow to repeat at each save."""
+    from torchft.data.tokenizers.auto import _load_file
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest not in _CONVERTED:
+        _CONVERTED[digest] = hf_tokenizer_files(_load_file(str(path), None))
+    return _CONVERTED[digest]
+
+
 def write_hf_tokenizer_files(folder: str | Path) -> list[str]:
     """Complete a model folder that has Meta's ``tokenizer.model`` but no ``tokenizer.json``.
 
@@ -217,7 +233,7 @@ def write_hf_tokenizer_files(folder: str | Path) -> list[str]:
     the folder is kept. A tokenizer file that cannot be converted is reported in one warning line; the folder
     stays as it was. Returns the names written.
     """
-    from torchft.data.tokenizers.auto import TOKENIZER_FILES, _load_file
+    from torchft.data.tokenizers.auto import TOKENIZER_FILES
 
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
@@ -226,7 +242,7 @@ def write_hf_tokenizer_files(folder: str | Path) -> list[str]:
     if source is None:
         return []
     try:
-        files = hf_tokenizer_files(_load_file(str(source), None))
+        files = _converted(source)
     except (ValueError, OSError, TypeError) as e:
         log.warning("%s: no tokenizer.json written (%s)", source, e)
         return []
