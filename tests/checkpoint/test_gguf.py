@@ -133,3 +133,72 @@ def test_executorch_without_the_package_says_how_to_install(tmp_path, capsys, ll
     code, err = tune_export(capsys, "--checkpoint_dir", llama3_folder, "--format", "executorch",
                             "--output", tmp_path / "m.pte")
     assert code != 0 and len(err) == 1 and "pip install executorch" in err[0]
+
+
+# ---- --adapter-only: a GGUF LoRA file for llama.cpp's --lora ----------------------------------------
+def lora_step_folder(tmp_path, base_folder, base_model, use_dora=False):
+    """A step-like folder of a PEFT LoRA on ``base_model``: the merged model + ``adapter/`` (random B)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(copy.deepcopy(base_model),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora))
+    torch.manual_seed(3)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)  # a delta far above f16 rounding of the weights
+    step = tmp_path / "lora_step"
+    peft_model.save_pretrained(step / "adapter")
+    peft_model.merge_and_unload().save_pretrained(step)
+    (step / "generation_config.json").unlink(missing_ok=True)
+    copy_support_files(base_folder, step)
+    return step
+
+
+def gguf_tensors(path):
+    """name -> float32 numpy array (PyTorch shape) of every tensor in a GGUF file."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+            for t in reader.tensors}, reader
+
+
+def test_adapter_only_gguf_applied_to_the_base_gguf_equals_the_merged_gguf(tmp_path, llama3_ranks_path):  # noqa: F811
+    base_folder, base_model, _ = step_folder(tmp_path, "llama3", llama3_ranks_path)
+    step = lora_step_folder(tmp_path, base_folder, base_model)
+    base, _ = gguf_tensors(export_gguf(base_folder, tmp_path / "base.gguf", dtype="f16"))
+    merged, _ = gguf_tensors(export_gguf(step, tmp_path / "merged.gguf", dtype="f16"))
+    # The library call takes the step folder; the CLI is given the adapter folder inside it.
+    assert cli_main.main(["export", "--checkpoint_dir", str(step / "adapter"), "--adapter-only", "--dtype", "f32",
+                          "--output", str(tmp_path / "adapter.gguf")]) == 0
+    adapter, reader = gguf_tensors(tmp_path / "adapter.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 8.0
+    assert reader.fields["general.architecture"].contents() == "llama"
+    adapted = sorted(name.removesuffix(".lora_a") for name in adapter if name.endswith(".lora_a"))
+    assert len(adapted) == 2 * 7 and "blk.1.attn_k.weight" in adapted and "blk.0.ffn_down.weight" in adapted
+    for name in adapted:
+        a, b = adapter[name + ".lora_a"], adapter[name + ".lora_b"]
+        assert a.shape == (4, base[name].shape[1]) and b.shape == (base[name].shape[0], 4)  # [rank, in], [out, rank]
+        # llama.cpp: W' = W + alpha / rank * B @ A, on the base GGUF's (q/k-permuted) rows.
+        applied = base[name] + 8 / 4 * (b @ a)
+        scale = abs(merged[name]).max()
+        assert abs(applied - merged[name]).max() <= 2e-3 * scale, name  # f16 rounding of W and W'
+        assert abs(b @ a).max() > 0.1 * scale  # the adapter changes the weight far beyond that bound
+
+
+def test_adapter_only_refuses_dora_and_q8_0_in_one_line(tmp_path, capsys, llama3_ranks_path):  # noqa: F811
+    base_folder, base_model, _ = step_folder(tmp_path, "llama3", llama3_ranks_path)
+    step = lora_step_folder(tmp_path, base_folder, base_model)
+    out = tmp_path / "adapter.gguf"
+    code, err = tune_export(capsys, "--checkpoint_dir", step, "--adapter-only", "--dtype", "q8_0", "--output", out)
+    assert code != 0 and len(err) == 1 and "is not one of f32, f16, bf16 for --adapter-only" in err[0]
+    code, err = tune_export(capsys, "--checkpoint_dir", base_folder, "--adapter-only", "--output", out)
+    assert code != 0 and len(err) == 1 and "adapter_config.json: no such file" in err[0]
+    config_path = step / "adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps(dict(json.loads(config_path.read_text()), use_dora=True)))
+    code, err = tune_export(capsys, "--checkpoint_dir", step, "--adapter-only", "--output", out)
+    assert code != 0 and len(err) == 1 and "DoRA adapter has no llama.cpp LoRA form" in err[0]
+    assert not out.exists()

@@ -110,6 +110,10 @@ def _gguf_generates_the_same_text(step, gguf_path):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=ours.stop_tokens)
         texts.append(ours.decode(out[0, len(prompt):].tolist()))
     assert texts[0] == texts[1] and texts[0].strip()
+    # docs/export.md's --adapter-only command, on the same step folder
+    adapter_path = gguf_path.with_name("lora.gguf")
+    assert tune(["export", "--checkpoint_dir", str(step), "--adapter-only", "--output", str(adapter_path)]) == 0
+    assert adapter_path.stat().st_size < gguf_path.stat().st_size / 2  # the adapter matrices only
 
 
 def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):

@@ -12,10 +12,14 @@ EPILOG = """\
 examples:
   tune export --checkpoint_dir out/step_500 --format gguf --dtype q8_0 --output model-q8_0.gguf
   llama-cli -m model-q8_0.gguf        (llama.cpp; `ollama create` takes the file too)
+  tune export --checkpoint_dir out/step_500 --adapter-only --output adapter.gguf
+  llama-cli -m base.gguf --lora adapter.gguf
 
 gguf: architecture llama with llama.cpp's tensor names, the tokenizer, special tokens and chat template
 embedded; --dtype f16, bf16 or q8_0 for the matrices (norms stay f32). A LoRA step folder exports its
-merged weights. The file is written under a temporary name and renamed when complete.
+merged weights; with --adapter-only it writes just the adapter as a GGUF LoRA file instead, for
+llama.cpp's --lora beside the base model's GGUF (--dtype f32, f16 or bf16). The file is written under a
+temporary name and renamed when complete.
 exit status: 0 when written, 1 with one line naming the problem otherwise.
 """
 
@@ -30,8 +34,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--checkpoint_dir", required=True, help="the HF folder to export (e.g. <output_dir>/step_<N>)")
     parser.add_argument("--format", default="gguf", help=f"one of {', '.join(FORMATS)} (default gguf)")
-    parser.add_argument("--dtype", default="f16", help="gguf: f16 (default), bf16 or q8_0")
+    parser.add_argument("--dtype", default="f16", help="gguf: f16 (default), bf16 or q8_0; with --adapter-only f32, f16 or bf16")
     parser.add_argument("--output", required=True, help="the file to write")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="gguf: write only the LoRA adapter of a step folder (llama.cpp --lora)")
     parser.set_defaults(func=main)
 
 
@@ -43,8 +49,13 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--format executorch is not available in this version of torchft; use --format gguf")
     if args.format != "gguf":
         raise ValueError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
-    from torchft.checkpoint.gguf import export_gguf
+    if args.adapter_only:
+        from torchft.checkpoint.gguf_adapter import export_gguf_adapter
 
-    path = export_gguf(args.checkpoint_dir, args.output, dtype=args.dtype)
+        path = export_gguf_adapter(args.checkpoint_dir, args.output, dtype=args.dtype)
+    else:
+        from torchft.checkpoint.gguf import export_gguf
+
+        path = export_gguf(args.checkpoint_dir, args.output, dtype=args.dtype)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
     return 0
