@@ -133,6 +133,9 @@ def test_executorch_without_the_package_says_how_to_install(tmp_path, capsys, ll
     code, err = tune_export(capsys, "--checkpoint_dir", llama3_folder, "--format", "executorch",
                             "--output", tmp_path / "m.pte")
     assert code != 0 and len(err) == 1 and "pip install executorch" in err[0]
+    code, err = tune_export(capsys, "--checkpoint_dir", llama3_folder, "--format", "executorch", "--adapter-only",
+                            "--output", tmp_path / "m.pte")
+    assert code != 0 and len(err) == 1 and "--adapter-only is for --format gguf" in err[0]
 
 
 # ---- --adapter-only: a GGUF LoRA file for llama.cpp's --lora ----------------------------------------
