@@ -102,3 +102,17 @@ def test_estimate_drops_with_the_tiled_mlp_and_counts_the_offloaded_host_ram():
     assert tiled.peak_bytes < whole.peak_bytes - 64 * 2**20, (tiled.peak_gib, whole.peak_gib)
     # the offloaded layer inputs are in host memory, the same with or without tiles
     assert tiled.host_bytes == whole.host_bytes >= offload_host_bytes(2, 1, 8192, 64, torch.float32)
+
+
+def test_docs_quote_the_distributed_long_context_estimate():
+    """docs/distributed.md's figures for llama3_1/8B_lora_long_context (the config's row) are a fresh estimate."""
+    import re
+    from pathlib import Path
+
+    from torchft.training.estimate import GIB, estimate_memory
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    row = re.search(r"^\| `tiled_mlp_tokens: 8192` \(the config\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", page, re.M)
+    estimate = estimate_memory("llama3_1/8B_lora_long_context", nproc_per_node=8)
+    for quoted, actual in zip(row.groups(), (estimate.peak_bytes, estimate.needed_bytes, estimate.host_bytes)):
+        assert abs(actual / GIB - float(quoted)) <= 0.051, (quoted, actual / GIB)
