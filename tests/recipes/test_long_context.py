@@ -105,7 +105,8 @@ def test_estimate_drops_with_the_tiled_mlp_and_counts_the_offloaded_host_ram():
 
 
 def test_docs_quote_the_distributed_long_context_estimate():
-    """docs/distributed.md's figures for llama3_1/8B_lora_long_context (the config's row) are a fresh estimate."""
+    """docs/distributed.md's figures for llama3_1/8B_lora_long_context (the config's row) are a fresh estimate,
+    and `tune estimate` names the tiles."""
     import re
     from pathlib import Path
 
@@ -116,3 +117,6 @@ def test_docs_quote_the_distributed_long_context_estimate():
     estimate = estimate_memory("llama3_1/8B_lora_long_context", nproc_per_node=8)
     for quoted, actual in zip(row.groups(), (estimate.peak_bytes, estimate.needed_bytes, estimate.host_bytes)):
         assert abs(actual / GIB - float(quoted)) <= 0.051, (quoted, actual / GIB)
+    from torchft.cli import estimate as cli_estimate
+
+    assert cli_estimate._tiles(estimate.settings) == ", MLP in tiles of 8192 tokens"
