@@ -34,7 +34,6 @@ def test_tiled_mlp_key_trains_as_the_whole_mlp(tmp_path, base):
         torch.testing.assert_close(adapters[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
     # and the key reached the model: the wiring set every MLP's tile
-    from torchft.training.activations import apply_tiled_mlp  # noqa: F401 (what the wiring calls)
     from torchft.training.wiring import apply_activation_settings
 
     model = torch.nn.Sequential(FeedForward(torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)))
