@@ -21,8 +21,9 @@ from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
 from torchft.training.throughput import model_flops_per_token
-from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, run_length,
-                                     sft_train_step, sft_validation, start_run, train, trainable_params)
+from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, check_offload_memory, log_model,
+                                     make_loop, run_length, sft_train_step, sft_validation, start_run, train,
+                                     trainable_params)
 
 log = logging.getLogger("torchft")
 
@@ -42,12 +43,16 @@ def main(cfg: DictConfig) -> None:
 
     # a resumed run continues from the weights of its step folder, the others from the input model
     model = build_model(partial(instantiate, cfg.model), checkpointer, run, trainable="all",
-                        activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile)
+                        activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
+                        tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"))
     log_model(model, run)
 
     # ------------------------------------------------------------------ setup: data
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
+    # offloaded activations: refused off CUDA, and before any step when the host RAM cannot hold them
+    check_offload_memory(model, run, cfg.batch_size, tokenizer.max_seq_len,
+                         enabled=cfg.get("enable_activation_offloading", False))
     val_dataset = cfg.get("validation_dataset")
     loader, val_loader = build_loaders(
         instantiate(cfg.dataset, tokenizer=tokenizer),

@@ -22,8 +22,8 @@ from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.throughput import model_flops_per_token
-from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, log_model, make_loop,
-                                     resume_sharded, run_identity_checked, run_length, sft_train_step,
+from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, check_offload_memory, log_model,
+                                     make_loop, resume_sharded, run_identity_checked, run_length, sft_train_step,
                                      sft_validation, sharded_save, start_run, train, trainable_params)
 
 log = logging.getLogger("torchft")
@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> None:
     checkpointer = instantiate(cfg.checkpointer)
     model = build_sharded_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
                                 activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
+                                tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"),
                                 fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False))
     identity = run_identity_checked(RECIPE, model, run)
     log_model(model, run)
@@ -53,6 +54,9 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: data (each rank its share)
     tokenizer = instantiate(cfg.tokenizer)
     check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
+    # offloaded activations: refused off CUDA, and before any step when the host RAM cannot hold them
+    check_offload_memory(model, run, local_batch, tokenizer.max_seq_len,
+                         enabled=cfg.get("enable_activation_offloading", False))
     val_dataset = cfg.get("validation_dataset")
     loader, val_loader = build_loaders(
         instantiate(cfg.dataset, tokenizer=tokenizer),

@@ -128,6 +128,7 @@ RECIPES: list[Recipe] = [
             "llama3/70B_lora",
             "llama3/70B_qlora",
             "llama3_1/8B_lora",
+            "llama3_1/8B_lora_long_context",
             "llama3_1/8B_qlora",
             "llama3_1/70B_lora",
             "llama3_1/70B_qlora",

@@ -386,7 +386,7 @@ def test_run_hands_torchrun_options_to_torch_distributed(tiny):
     result = tune("run", "--standalone", "--nproc_per_node", "1", script, "--config", config, "fail=value")
     assert result.returncode == 1
     assert "tiny_recipe.py: error: batch_size (0) must be positive" in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("tune: error: 1 recipe process(es) failed (rank 0: exit code 1)")
+    assert result.stderr.splitlines()[-1].startswith("tune: error: 1 recipe process(es) failed (rank 0: exit code 1; its error is printed above)")
 
 
 def test_run_refuses_torchrun_options_for_a_single_device_recipe(tiny, monkeypatch, capsys):

@@ -120,7 +120,10 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
         assert rank["peak_load_growth"] < rank["full_bytes"] / 2 + rank["largest_tensor_bytes"] + 8 * 2**20, rank
     # rank 1 was killed in the middle of a save while rank 0 waited for it: the job ends, non-zero, naming it
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "recipe process(es) failed (rank 1: exit code -9, killed by SIGKILL)" in result.stderr.splitlines()[-1]
+    # a killed rank printed nothing: the line names the signal instead of pointing at an error above
+    assert result.stderr.splitlines()[-1].endswith("recipe process(es) failed (rank 1: exit code -9, killed by "
+                                                   "signal 9 (SIGKILL): likely out of host memory, no error was "
+                                                   "printed)")
     # rank 0's collective failed because rank 1 was gone: it exits quietly, no gloo "connection reset" line
     assert "Connection reset by peer" not in result.stderr and "_worker.py: error" not in result.stderr
     # and the half-written folder is never a step folder: `resume_from_checkpoint=latest` cannot pick it

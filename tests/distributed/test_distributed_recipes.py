@@ -271,3 +271,48 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     step = int(saved.name.split("_")[1])
     assert 2 <= step < 500 and (saved / "distributed" / ".metadata").is_file()
     assert f"SIGTERM received: saved {saved}" in stderr
+
+
+def test_hsdp_activation_checkpointing_and_tiled_mlp_train_as_the_plain_2_rank_run(lora_runs, base, data, tmp_path):
+    """One launch, three settings the plain run lacks: replicas=2 (HSDP: 2 replicas x 1 shard), activation
+    checkpointing under FSDP2, and the MLP in 16-token tiles. Each only changes where and when the same
+    sums are computed: the losses are those of the plain 2-rank run (validation does not change training)."""
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
+        tmp_path, base, *data, ["max_steps=6", "replicas=2", "enable_activation_checkpointing=true",
+                                "tiled_mlp_tokens=16", "validation_dataset=null", "eval_every_n_steps=null"])))
+    losses, plain = train_losses(tmp_path / "out"), train_losses(lora_runs["dist"])
+    assert list(losses) == list(plain) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(losses[s] - plain[s]) for s in plain) < 1e-5, (losses, plain)
+    adapter = lambda out: load_file(out / "step_6" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(adapter(tmp_path / "out"), adapter(lora_runs["dist"])) < 1e-4
+
+
+def test_compile_under_fsdp2_trains_as_eager(lora_runs, base, data, tmp_path):
+    """compile=true on 2 ranks (inductor's CPU code, built with the system C compiler): the plain 2-rank
+    run's losses within 1e-5 (inductor may fuse and reorder float sums). Compiling costs most of the launch."""
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
+        tmp_path, base, *data, ["max_steps=6", "compile=true", "validation_dataset=null",
+                                "eval_every_n_steps=null"]), timeout=400))
+    losses, plain = train_losses(tmp_path / "out"), train_losses(lora_runs["dist"])
+    assert list(losses) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(losses[s] - plain[s]) for s in plain) < 1e-5, (losses, plain)
+
+
+@pytest.mark.gpu
+def test_activation_checkpointing_and_offloading_under_fsdp2_on_2_gpus(tmp_path, data):
+    """Offloading moves the checkpointed layer inputs to pinned host memory (CUDA only; a CPU run refuses
+    it at setup). embed_dim 4096 makes each rank's layer input ([4, >= 30, 4096] fp32) at least the 1 MiB
+    offloading moves; on 2 GPUs the losses are those of the same run without offloading."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    base = make_base(tmp_path, dict(num_layers=2, embed_dim=4096, num_heads=32, num_kv_heads=8,
+                                    intermediate_dim=256, max_seq_len=256))
+    losses = {}
+    for name, offload in (("plain", "false"), ("offloaded", "true")):
+        _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
+            tmp_path / name, base, *data, ["max_steps=2", "batch_size=8", "device=cuda", "enable_activation_checkpointing=true",
+                                           f"enable_activation_offloading={offload}", "optimizer.lr=1e-4"])))
+        losses[name] = train_losses(tmp_path / name / "out")
+    assert list(losses["offloaded"]) == [1, 2]
+    assert max(abs(losses["offloaded"][s] - losses["plain"][s]) for s in (1, 2)) < 1e-5, losses
+

@@ -68,6 +68,11 @@ def _batch(settings: dict) -> str:
     return f"batch {settings['batch_size']}" + (f" ({per_rank} per rank)" if per_rank is not None else "")
 
 
+def _tiles(settings: dict) -> str:
+    tile = settings.get("tiled_mlp_tokens")
+    return "" if tile is None else f", MLP in tiles of {tile} tokens"
+
+
 def _ranks(settings: dict) -> str:
     if settings.get("nproc_per_node", 1) == 1:
         return ""
@@ -104,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"note: {args.config} runs under torchrun; pass --nproc-per-node N for the per-rank estimate")
     print(f"{args.config}: {_batch(s)} x {s['seq_len']} tokens (accumulation {s['gradient_accumulation_steps']}), "
           f"activation checkpointing {_on(s['activation_checkpointing'])}, "
-          f"offloading {_on(s['activation_offloading'])}{_ranks(s)}")
+          f"offloading {_on(s['activation_offloading'])}{_tiles(s)}{_ranks(s)}")
     print(f"peak {_memory_kind(args.config, args.overrides)} (allocated): {_gib(estimate.peak_bytes)}")
     for kind, nbytes in estimate.breakdown.items():
         print(f"  {KIND_LABELS.get(kind, kind):<28}{_gib(nbytes):>12}{_per_param(kind, nbytes, s)}")

@@ -134,6 +134,16 @@ def check_launch(nproc_per_node, nnodes, cfg) -> None:
         per_rank_batch_size(batch_size, nproc * nodes)
 
 
+def failure_cause(rank: int, failure) -> str:
+    """What ended the first failed rank: an error it printed, or a signal (which prints nothing)."""
+    if failure.exitcode >= 0:
+        return f"rank {rank}: exit code {failure.exitcode}; its error is printed above"
+    how = f"rank {rank}: exit code {failure.exitcode}, killed by signal {-failure.exitcode} ({failure.signal_name()})"
+    if failure.signal_name() == "SIGKILL":  # the kernel's out-of-memory killer sends SIGKILL
+        how += ": likely out of host memory, no error was printed"
+    return how
+
+
 def run_distributed(argv: Sequence[str]) -> int:
     """Hand ``tune run <torchrun options> <recipe> --config ...`` over to torch.distributed.run."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -175,11 +185,5 @@ def run_distributed(argv: Sequence[str]) -> int:
     except ChildFailedError as err:
         # The rank that failed first is the cause; the others were stopped because of it.
         rank, first = err.get_first_failure()
-        how = f"exit code {first.exitcode}"
-        if first.exitcode < 0:
-            how += f", killed by {first.signal_name()}"
-        raise ChildProcessError(
-            f"{len(err.failures)} recipe process(es) failed (rank {rank}: {how}); "
-            "their error is printed above"
-        ) from None
+        raise ChildProcessError(f"{len(err.failures)} recipe process(es) failed ({failure_cause(rank, first)})") from None
     return 0

@@ -104,6 +104,32 @@ def check_host_memory(needed_bytes: int, what: str = "activation offloading",
             "available: lower batch_size or the sequence length, or set enable_activation_offloading=false")
 
 
+OFFLOAD_NEEDS_CUDA = "enable_activation_offloading needs device=cuda (activations are offloaded from GPU to CPU)"
+
+
+def check_offload_host_memory(enabled: bool, device: torch.device | str, *, num_layers: int, batch_size: int,
+                              seq_len: int | None, dim: int, dtype: torch.dtype, ranks_on_host: int = 1,
+                              available: Optional[int] = None) -> int:
+    """Before the first step: refuse activation offloading off CUDA, and refuse it when the host RAM
+    that one micro-batch's offloaded layer inputs take on every rank of this machine
+    (``ranks_on_host`` x :func:`offload_host_bytes`) is more than is available. One line naming both
+    figures, instead of a machine that swaps or a process the kernel kills mid-run. Returns the bytes
+    needed (0 when not enabled or ``seq_len`` is unknown)."""
+    from torchft.config import ConfigError
+
+    if not enabled:
+        return 0
+    if torch.device(device).type != "cuda":
+        raise ConfigError(OFFLOAD_NEEDS_CUDA)
+    if not seq_len:
+        return 0
+    needed = ranks_on_host * offload_host_bytes(num_layers, batch_size, seq_len, dim, dtype)
+    what = (f"activation offloading ({num_layers + 1} layer inputs of {batch_size} x {seq_len} tokens x {dim} "
+            f"x {torch.empty((), dtype=dtype).element_size()} bytes, on {ranks_on_host} rank(s) of this machine)")
+    check_host_memory(needed, what, available)
+    return needed
+
+
 class _Offloaded:
     """One saved storage's host copy and, during backward, its copy back on the device."""
 
@@ -231,7 +257,7 @@ def activation_offloading(enabled: bool, device: torch.device | str):
         return contextlib.nullcontext()
     device = torch.device(device)
     if device.type != "cuda":
-        raise ValueError("enable_activation_offloading needs device=cuda (activations are offloaded from GPU to CPU)")
+        raise ValueError(OFFLOAD_NEEDS_CUDA)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _offloaders:  # one side stream per device for the whole run

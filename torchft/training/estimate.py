@@ -96,19 +96,24 @@ class MemoryEstimate:
 def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
                   make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                   activation_checkpointing: bool = False, offload_activations: bool = False,
-                  gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None) -> MemoryEstimate:
+                  gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None,
+                  tiled_mlp_tokens: int | None = None) -> MemoryEstimate:
     """Run two tracked optimizer steps of ``model`` (on ``meta`` or real tensors) and return the peak.
 
     ``model``'s trainable parameters are those with ``requires_grad``; ``loss_fn`` is a
     :class:`~torchft.modules.loss.ChunkedCrossEntropy`; ``make_optimizer(trainable)`` builds the optimizer.
     Real tensors give the measured peak of the same step, tracked the same way (the accuracy test).
+    ``tiled_mlp_tokens``: the MLP runs in sequence tiles (its ``[b, s, intermediate]`` activations one
+    tile at a time).
     """
     from torchft.modules.loss import output_params, shift_targets
     from torchft.modules.peft import get_lora_modules
-    from torchft.training.activations import apply_activation_checkpointing
+    from torchft.training.activations import apply_activation_checkpointing, apply_tiled_mlp
     from torchft.training.optim import clip_grad_norm
 
     device = next(model.parameters()).device
+    if tiled_mlp_tokens is not None:
+        apply_tiled_mlp(model, int(tiled_mlp_tokens))
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -161,7 +166,7 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
         handle.remove()
     settings = {"batch_size": batch_size, "seq_len": seq_len, "gradient_accumulation_steps": gradient_accumulation_steps,
                 "activation_checkpointing": activation_checkpointing, "activation_offloading": offload_activations,
-                "trainable_params": sum(p.numel() for p in trainable)}
+                "tiled_mlp_tokens": tiled_mlp_tokens, "trainable_params": sum(p.numel() for p in trainable)}
     return MemoryEstimate(tracker.peak_bytes, tracker.peak_breakdown(), tracker.peak_host_bytes, settings)
 
 
@@ -278,7 +283,7 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         offload_activations=bool(cfg.get("enable_activation_offloading", False)),
         gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
-        max_grad_norm=cfg.get("clip_grad_norm"))
+        max_grad_norm=cfg.get("clip_grad_norm"), tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"))
     estimate.settings.update(model=cfg.model._component_, batch_size=int(cfg.batch_size))
     if nproc_per_node > 1:
         estimate.settings["batch_size_per_rank"] = local_batch

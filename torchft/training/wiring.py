@@ -113,16 +113,15 @@ def log_model(model: nn.Module, run: Run) -> None:
 
 def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                 trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, tiled_mlp_tokens: int | None = None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
-    load it on ``run.device`` one layer at a time, then apply activation checkpointing and compile.
+    load it on ``run.device`` one layer at a time, then apply the tiled MLP, activation checkpointing
+    and compile (see :func:`apply_activation_settings`).
 
     ``trainable``: ``all`` (full fine-tuning; a resumed run continues from its step folder's weights),
     ``adapters`` (LoRA/DoRA/QLoRA on ``checkpointer``'s base weights; a resumed run's adapters, else
     fresh ones) or ``none`` (a frozen reference or teacher model, from ``checkpointer``'s weights).
     """
-    from torchft.training.activations import apply_activation_checkpointing
-    from torchft.training.compile import compile_layers
     from torchft.training.setup import check_same_architecture, default_dtype, load_adapter_model, load_full_model
 
     with torch.device("meta"), default_dtype(run.dtype):
@@ -137,26 +136,37 @@ def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
         load_full_model(model, checkpointer.load_model_state_dict(weights_from), run.device, run.dtype)
         if trainable == "none":
             model.requires_grad_(False)
+    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile)
+    return model
+
+
+def apply_activation_settings(model: nn.Module, tiled_mlp_tokens: int | None, activation_checkpointing: bool,
+                              compile: bool) -> None:
+    """The config's ``tiled_mlp_tokens`` (the MLP in sequence tiles of that many tokens; None: whole),
+    ``enable_activation_checkpointing`` and ``compile``, in that order, on one device as on many."""
+    from torchft.training.activations import apply_activation_checkpointing, apply_tiled_mlp
+    from torchft.training.compile import compile_layers
+
+    if tiled_mlp_tokens is not None:
+        apply_tiled_mlp(model, int(tiled_mlp_tokens))
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         compile_layers(model)
-    return model
 
 
 def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                         trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
-                        compile: bool = False, fp32_reduce: bool = False, cpu_offload: bool = False) -> nn.Module:
+                        compile: bool = False, fp32_reduce: bool = False, cpu_offload: bool = False,
+                        tiled_mlp_tokens: int | None = None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
-    apply activation checkpointing, compile and FSDP2 (in that order), stream in this rank's rows of
+    apply the tiled MLP, activation checkpointing, compile and FSDP2 (in that order), stream in this rank's rows of
     ``checkpointer``'s weights and leave ``trainable`` parameters trainable: ``all`` (full fine-tuning),
     ``adapters`` (LoRA/DoRA/QLoRA, fresh adapters the same on every rank) or ``none`` (a frozen
     reference or teacher model). ``fp32_reduce`` reduces gradients in fp32; ``cpu_offload`` keeps
     the shards, gradients and optimizer state in CPU memory.
     """
     from torchft.modules.peft import get_adapter_params, set_trainable_params
-    from torchft.training.activations import apply_activation_checkpointing
-    from torchft.training.compile import compile_layers
     from torchft.training.distributed import (check_cpu_offload, check_loaded, check_nf4_shardable,
                                               load_sharded_weights, shard_model)
     from torchft.training.setup import check_same_architecture, default_dtype
@@ -167,10 +177,7 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
         model = build()
     check_same_architecture(model.args, checkpointer.model_args, checkpointer.checkpoint_dir)
     check_nf4_shardable(model, env.shard_count)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        compile_layers(model)
+    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile)
     # Weights are stored in ``dtype`` and computed in it; gradients optionally reduced in fp32.
     shard_model(model, env.mesh, reduce_dtype=torch.float32 if fp32_reduce else None, cpu_offload=cpu_offload)
     load_sharded_weights(model, checkpointer.load_model_state_dict(), env.device, run.dtype,
@@ -181,6 +188,19 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
     elif trainable == "none":
         model.requires_grad_(False)
     return model
+
+
+def check_offload_memory(model: nn.Module, run: Run, batch_size: int, seq_len: int | None, *, enabled: bool) -> None:
+    """Before the first step, when ``enable_activation_offloading``: refused off CUDA, and refused in one
+    line naming the host RAM needed and available when this machine's ranks (``batch_size`` samples
+    of ``seq_len`` tokens per rank) would not fit (:func:`~torchft.training.activations.check_offload_host_memory`)."""
+    import os
+
+    from torchft.training.activations import check_offload_host_memory
+
+    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if run.env is not None else 1
+    check_offload_host_memory(enabled, run.device, num_layers=model.args.num_layers, batch_size=batch_size,
+                              seq_len=seq_len, dim=model.args.embed_dim, dtype=run.dtype, ranks_on_host=ranks_on_host)
 
 
 def run_identity_checked(recipe: str, model: nn.Module, run: Run) -> dict:
