@@ -147,7 +147,7 @@ RECIPES: list[Recipe] = [
         name="knowledge_distillation_distributed",
         file_path="knowledge_distillation_distributed.py",
         supports_distributed=True,
-        configs=_configs("llama3_2/1B_lora_kd_distributed"),
+        configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed"),
     ),
     Recipe(
         name="lora_dpo_single_device",
