@@ -80,3 +80,31 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, models):
     with pytest.raises(ValueError, match=r"teacher vocab_size \(2048\) must equal the student's \(1024\)"):
         _recipe().main(kd_config(tmp_path / "out", models, [f"teacher_checkpointer.checkpoint_dir={other}"]))
     assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_an_nf4_teacher_distils_and_stays_quantized(tmp_path, models, monkeypatch):
+    from torchft.modules.peft._nf4 import is_nf4
+    from torchft.training import distillation
+
+    from ._finetune import TINY_NF4
+
+    teacher = tiny_base_model(str(tmp_path / "teacher_nf4"), seed=0, **TINY_NF4)
+    built = []
+    monkeypatch.setattr(distillation.TeacherDistillation, "__init__", _recording(built))
+    _recipe().main(kd_config(tmp_path / "out", models, [
+        f"teacher_checkpointer.checkpoint_dir={teacher}", "+teacher_model.quantize_base=true",
+        "+teacher_model.lora_attn_modules=[]", "max_steps=2", "validation_dataset=null"]))
+    assert is_nf4(built[0].layers[0].self_attn.q_proj.weight)
+    assert all(not p.requires_grad for p in built[0].parameters()) and not built[0].training
+    assert len(train_losses(tmp_path / "out")) == 2
+
+
+def _recording(built):
+    from torchft.training.distillation import TeacherDistillation
+
+    init = TeacherDistillation.__init__
+
+    def record(self, teacher, kd_loss):
+        init(self, teacher, kd_loss)
+        built.append(teacher)
+    return record
