@@ -1,97 +1,23 @@
-"""Knowledge distillation into a LoRA student on many devices (FSDP2), launched by torchrun.
+"""Knowledge distillation into a LoRA student on many devices (FSDP2, torchrun), from a frozen teacher.
 
     tune run --nproc_per_node 8 knowledge_distillation_distributed --config llama3_2/1B_lora_kd_distributed
+    tune run --nproc_per_node 2 knowledge_distillation_distributed --config quickstart/kd_distributed
 
-The loss, the teacher and the student are those of knowledge_distillation_single_device; both models
-are sharded per decoder layer (the teacher frozen, in eval mode, without gradients). ``batch_size`` is
-the global micro-batch (all ranks together): N ranks with batch_size B train exactly as one device with B. Every save
-writes the same ``<output_dir>/step_<N>/`` as the single-device recipe (merged HF model +
-``adapter/``) plus ``distributed/`` (DCP: adapters + optimizer) for ``resume_from_checkpoint``, at
-this or another world size. The file reads top to bottom: setup, loop, save.
+The loss is ``(1 - kd_ratio) * CE + kd_ratio * KL(teacher || student)`` over target tokens, chunked
+(torchft.modules.distillation.ChunkedDistillationLoss). The teacher (``teacher_model`` /
+``teacher_checkpointer``: any checkpoint sharing the student's tokenizer; a ``qlora_*`` builder keeps
+it in NF4) runs in eval mode without gradients. Everything else is lora_finetune_distributed, which this
+recipe runs: its setup, loop, resume and step folders (see that file, read top to bottom).
 """
-import logging
-from functools import partial
-
-import torch.distributed as dist
 from omegaconf import DictConfig
 
-from torchft.config import check_start, instantiate, recipe_main
-from torchft.training.distillation import TeacherDistillation, check_same_vocab
-from torchft.training.distributed import init_distributed, per_rank_batch_size
-from torchft.training.estimate import warn_if_over_memory
-from torchft.training.metric_logging import MetricLogger
-from torchft.training.setup import check_tokenizer_fits, start_writing
-from torchft.training.throughput import model_flops_per_token
-from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, log_model, make_loop,
-                                     resume_sharded, run_identity_checked, run_length, sft_train_step,
-                                     sft_validation, sharded_save, start_run, train, trainable_params)
-
-log = logging.getLogger("torchft")
-RECIPE = "knowledge_distillation_distributed"
+from torchft._recipes import lora_finetune_distributed
+from torchft.config import recipe_main
 
 
 def main(cfg: DictConfig) -> None:
-    # ------------------------------------------------------------------ setup: checks before any work
-    env = init_distributed(cfg.device, timeout_minutes=cfg.get("timeout_minutes", 10),
-                           replicas=cfg.get("replicas", 1), recipe=RECIPE)
-    check_start(cfg)  # all a run refuses before any work, as `tune validate` reports it; nothing written yet
-    local_batch = per_rank_batch_size(cfg.batch_size, env.world_size)
-    run = start_run(cfg.output_dir, cfg.get("resume_from_checkpoint"), cfg.device, cfg.dtype, seed=cfg.seed,
-                    cpu_threads=cfg.get("cpu_threads"), env=env)
-
-    # ------------------------------------------------------------------ setup: model (each rank its shards)
-    if run.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
-        instantiate(cfg.base_model)
-    if run.is_main_process and cfg.get("teacher_base_model") is not None:
-        instantiate(cfg.teacher_base_model)
-    dist.barrier()
-    checkpointer = instantiate(cfg.checkpointer)
-    model = build_sharded_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
-                                activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
-                                fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False))
-    identity = run_identity_checked(RECIPE, model, run)
-    log_model(model, run)
-    teacher = build_sharded_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer),
-                                  run, trainable="none", compile=cfg.compile)  # frozen, eval mode, no grad
-    check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
-
-    # ------------------------------------------------------------------ setup: data (each rank its share)
-    tokenizer = instantiate(cfg.tokenizer)
-    check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
-    val_dataset = cfg.get("validation_dataset")
-    loader, val_loader = build_loaders(
-        instantiate(cfg.dataset, tokenizer=tokenizer),
-        None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
-        local_batch, run, seed=cfg.seed, pad_id=tokenizer.pad_id, shuffle=cfg.get("shuffle", True))
-    total_steps = run_length(run, cfg.get("max_steps"), cfg.get("epochs"), len(loader),
-                             cfg.gradient_accumulation_steps)  # a resume past it is refused here
-
-    # ------------------------------------------------------------------ setup: optimization and logging
-    optimizer = instantiate(cfg.optimizer, trainable_params(model))
-    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = TeacherDistillation(teacher, instantiate(cfg.loss))
-    # a resumed run: adapters and optimizer from the DCP shards, resharded to this world size
-    step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=True,
-                          global_batch_size=cfg.batch_size)
-    save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
-                        adapters_only=True, global_batch_size=cfg.batch_size)
-
-    # ------------------------------------------------------------------ loop
-    train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
-                                max_grad_norm=cfg.get("clip_grad_norm"),
-                                offload_activations=cfg.get("enable_activation_offloading", False))
-    metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
-    loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn.cross_entropy(), run),  # student CE
-                     flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
-                     **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
-    # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an
-    # abandoned run's later folders set aside)
-    start_writing(cfg, run.output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
-                  resumed_step=None if run.resumed is None else step, log=log, is_main_process=run.is_main_process)
-    warn_if_over_memory(cfg, run.device)  # one line on CUDA when the estimated peak exceeds free memory
-    train(loop, model, loader, train_step, optimizer, metric_logger)  # a stop: saves, exits
-    dist.destroy_process_group()
+    # defined here, so the command line checks the config's keys against this recipe's configs
+    lora_finetune_distributed.main(cfg)
 
 
 if __name__ == "__main__":

@@ -1,107 +1,23 @@
-"""Knowledge distillation into a LoRA student on one device: a frozen teacher's distributions guide it.
+"""Knowledge distillation into a LoRA student on one device, from a frozen teacher.
 
     tune run knowledge_distillation_single_device --config llama3_2/1B_lora_kd_single_device
     tune run knowledge_distillation_single_device --config quickstart/kd_single_device
 
 The loss is ``(1 - kd_ratio) * CE + kd_ratio * KL(teacher || student)`` over target tokens, chunked
-(torchft.modules.distillation). The teacher (``teacher_model`` / ``teacher_checkpointer``, any size
-sharing the student's tokenizer; a ``qlora_*`` builder keeps it in NF4) runs in eval mode without
-gradients. The student's base stays frozen; only its adapters train. Every save writes
-``<output_dir>/step_<N>/``: the merged model as an HF folder, the PEFT adapter in ``step_<N>/adapter/`` (``adapter_model.safetensors`` +
-``adapter_config.json``) and ``training_state.pt`` for ``resume_from_checkpoint``. The file reads
-top to bottom: setup, loop, save.
+(torchft.modules.distillation.ChunkedDistillationLoss). The teacher (``teacher_model`` /
+``teacher_checkpointer``: any checkpoint sharing the student's tokenizer; a ``qlora_*`` builder keeps
+it in NF4) runs in eval mode without gradients. Everything else is lora_finetune_single_device, which this
+recipe runs: its setup, loop, resume and step folders (see that file, read top to bottom).
 """
-import logging
-from functools import partial
-
 from omegaconf import DictConfig
 
-from torchft.config import check_start, instantiate, recipe_main
-from torchft.training.checkpointing import adapter_state_dict_cpu
-from torchft.training.distillation import TeacherDistillation, check_same_vocab
-from torchft.training.estimate import warn_if_over_memory
-from torchft.training.samples import print_samples
-from torchft.training.setup import check_tokenizer_fits, start_writing
-from torchft.training.state import restore_training_state, training_state
-from torchft.training.throughput import model_flops_per_token
-from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, run_length,
-                                     sft_train_step, sft_validation, start_run, train, trainable_params)
-
-log = logging.getLogger("torchft")
+from torchft._recipes import lora_finetune_single_device
+from torchft.config import recipe_main
 
 
 def main(cfg: DictConfig) -> None:
-    # ------------------------------------------------------------------ setup: checks before any work
-    check_start(cfg)  # all a run refuses before any work, as `tune validate` reports it; nothing written yet
-    run = start_run(cfg.output_dir, cfg.get("resume_from_checkpoint"), cfg.device, cfg.dtype, seed=cfg.seed,
-                    cpu_threads=cfg.get("cpu_threads"))
-    device, resumed = run.device, run.resumed
-
-    # ------------------------------------------------------------------ setup: model
-    if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
-        instantiate(cfg.base_model)
-    checkpointer = instantiate(cfg.checkpointer)
-
-    # a lora_* / qlora_* builder: LoRA layers where the config asks; a resumed run's adapters, else fresh ones
-    model = build_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
-                        activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile)
-    log_model(model, run)
-    if cfg.get("teacher_base_model") is not None:  # the quickstart's tiny teacher, written if missing
-        instantiate(cfg.teacher_base_model)
-    teacher = build_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer), run,
-                          trainable="none", compile=cfg.compile)  # frozen, eval mode, no grad
-    check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
-
-    # ------------------------------------------------------------------ setup: data
-    tokenizer = instantiate(cfg.tokenizer)
-    check_tokenizer_fits(tokenizer.vocab_size, model.args.vocab_size, cfg.tokenizer.get("path"))
-    val_dataset = cfg.get("validation_dataset")
-    loader, val_loader = build_loaders(
-        instantiate(cfg.dataset, tokenizer=tokenizer),
-        None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
-        cfg.batch_size, run, seed=cfg.seed, pad_id=tokenizer.pad_id, shuffle=cfg.get("shuffle", True))
-    total_steps = run_length(run, cfg.get("max_steps"), cfg.get("epochs"), len(loader),
-                             cfg.gradient_accumulation_steps)  # a resume past it is refused here
-
-    # ------------------------------------------------------------------ setup: optimization and logging
-    optimizer = instantiate(cfg.optimizer, trainable_params(model))
-    lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = TeacherDistillation(teacher, instantiate(cfg.loss))
-    step = 0
-    if resumed is not None:
-        step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
-        log.info("resumed from %s at step %d", run.resume_dir, step)
-
-    def save(step: int) -> str:
-        path = checkpointer.save(
-            step, model,  # the merged model (adapters merged onto checkpoint_dir's weights): a plain HF folder
-            adapter_model=model,  # step_<N>/adapter/: the PEFT adapter alone
-            training_state=training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model)))
-        return str(path)
-
-    prompts = list(cfg.get("sample_prompts") or [])
-    if prompts:
-        print_samples("samples before distillation:", model, tokenizer, prompts, cfg.sample_max_new_tokens)
-
-    # ------------------------------------------------------------------ loop
-    train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
-                                max_grad_norm=cfg.get("clip_grad_norm"),
-                                offload_activations=cfg.get("enable_activation_offloading", False))
-    metric_logger = instantiate(cfg.metric_logger)
-    loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn.cross_entropy(), run),  # student CE
-                     flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
-                     **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
-    # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an
-    # abandoned run's later folders set aside)
-    start_writing(cfg, run.output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),
-                  resumed_step=None if resumed is None else step, log=log)
-    warn_if_over_memory(cfg, device)  # one line on CUDA when the estimated peak exceeds free memory
-    train(loop, model, loader, train_step, optimizer, metric_logger)  # a stop: saves, exits
-
-    # ------------------------------------------------------------------ after training
-    if prompts:
-        print_samples("samples after distillation:", model, tokenizer, prompts, cfg.sample_max_new_tokens)
+    # defined here, so the command line checks the config's keys against this recipe's configs
+    lora_finetune_single_device.main(cfg)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ class ChunkedDistillationLoss(ChunkedCrossEntropy):
         self.kd_ratio = kd_ratio
         self.temperature = temperature
 
+    def cross_entropy(self) -> ChunkedCrossEntropy:
+        """The student's plain cross-entropy in the same chunks (the validation loss of the KD recipes)."""
+        return ChunkedCrossEntropy(self.chunk_tokens, self.num_chunks, self.ignore_index)
+
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor, output_fn: Callable[[torch.Tensor], torch.Tensor],
                  params: Sequence[torch.Tensor] = (), teacher_hidden: torch.Tensor | None = None,
                  teacher_output: Callable[[torch.Tensor], torch.Tensor] | None = None):

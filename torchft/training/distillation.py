@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from torchft.modules.distillation import ChunkedDistillationLoss
-from torchft.modules.loss import ChunkedCrossEntropy
 
 
 def check_same_vocab(teacher_vocab: int, student_vocab: int) -> None:
@@ -28,10 +27,6 @@ class TeacherDistillation:
         self.teacher = teacher.eval()
         self.kd_loss = kd_loss
         self.ignore_index = kd_loss.ignore_index
-
-    def cross_entropy(self) -> ChunkedCrossEntropy:
-        """The student's plain cross-entropy in the same chunks (the validation loss)."""
-        return ChunkedCrossEntropy(self.kd_loss.chunk_tokens, self.kd_loss.num_chunks, self.ignore_index)
 
     def __call__(self, hidden, targets, output_fn, params=(), *, batch: dict):
         with torch.no_grad():  # [b, s, teacher_dim]
