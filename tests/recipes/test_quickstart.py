@@ -136,7 +136,7 @@ def test_kd_quickstart_distils_the_quickstart_base_into_a_smaller_student(tmp_pa
         f"base_model.path={tmp_path / 'student'}", "progress_bar=false", "max_steps=40", "eval_every_n_steps=20"])
     knowledge_distillation_single_device.main(cfg)
     out = capsys.readouterr().out
-    assert "samples after distillation:" in out
+    assert "samples after fine-tuning:" in out
     val = val_losses(tmp_path / "out")
     assert list(val) == [0, 20, 40]
     _check_validation_figures(val, DISTILLATION, r"validation loss starts at about ([\d.]+) \(within ([\d.]+)\) "
