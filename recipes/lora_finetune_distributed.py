@@ -3,7 +3,8 @@
     tune run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/8B_lora
     tune run --nproc_per_node 2 lora_finetune_distributed --config quickstart/lora_distributed   (CPU, gloo)
 
-DoRA is ``model.use_dora=true``; QLoRA is a ``qlora_*`` model builder. ``batch_size`` is the global
+DoRA is ``model.use_dora=true``; QLoRA is a ``qlora_*`` model builder; ``teacher_model`` /
+``teacher_checkpointer`` add a frozen, sharded teacher (knowledge_distillation_distributed, docs/distillation.md). ``batch_size`` is the global
 micro-batch (all ranks together): N ranks with batch_size B train exactly as one device with B. The
 base model is sharded per decoder layer and streamed in, each rank reading only its rows. Every save
 writes the same ``<output_dir>/step_<N>/`` as the single-device recipe (merged HF model +
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
+from torchft.training.distillation import TeacherDistillation, check_same_vocab
 from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
@@ -42,6 +44,8 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: model (each rank its shards)
     if run.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
         instantiate(cfg.base_model)
+    if run.is_main_process and cfg.get("teacher_base_model") is not None:  # the distillation quickstart's teacher
+        instantiate(cfg.teacher_base_model)
     dist.barrier()
     checkpointer = instantiate(cfg.checkpointer)
     model = build_sharded_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
@@ -50,6 +54,11 @@ def main(cfg: DictConfig) -> None:
                                 fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False))
     identity = run_identity_checked(RECIPE, model, run)
     log_model(model, run)
+    teacher = None  # knowledge distillation: a frozen teacher (eval mode, no grad) sharing the tokenizer
+    if cfg.get("teacher_model") is not None:
+        teacher = build_sharded_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer),
+                                      run, trainable="none", compile=cfg.compile)
+        check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
 
     # ------------------------------------------------------------------ setup: data (each rank its share)
     tokenizer = instantiate(cfg.tokenizer)
@@ -68,7 +77,9 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: optimization and logging
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    if teacher is not None:  # the teacher runs on every micro-batch; validation: the student's cross-entropy
+        loss_fn, val_loss_fn = TeacherDistillation(teacher, loss_fn), loss_fn.cross_entropy()
     # a resumed run: adapters and optimizer from the DCP shards, resharded to this world size
     step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=True,
                           global_batch_size=cfg.batch_size)
@@ -81,7 +92,7 @@ def main(cfg: DictConfig) -> None:
                                 offload_activations=cfg.get("enable_activation_offloading", False))
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn, run),
+                     validate=sft_validation(model, val_loader, val_loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

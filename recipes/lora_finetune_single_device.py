@@ -4,7 +4,9 @@
     tune run lora_finetune_single_device --config quickstart/lora_single_device max_steps=20
 
 DoRA is ``model.use_dora=true``; QLoRA is a ``qlora_*`` model builder (NF4 base weights). The base
-model stays frozen; only the adapters train. Every save writes ``<output_dir>/step_<N>/``: the merged
+model stays frozen; only the adapters train. With ``teacher_model`` / ``teacher_checkpointer`` (the
+knowledge_distillation_single_device configs) a frozen teacher's distributions join the loss
+(docs/distillation.md). Every save writes ``<output_dir>/step_<N>/``: the merged
 model as an HF folder, the PEFT adapter in ``step_<N>/adapter/`` (``adapter_model.safetensors`` +
 ``adapter_config.json``) and ``training_state.pt`` for ``resume_from_checkpoint``. The file reads
 top to bottom: setup, loop, save.
@@ -16,6 +18,7 @@ from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.checkpointing import adapter_state_dict_cpu
+from torchft.training.distillation import TeacherDistillation, check_same_vocab
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
@@ -38,6 +41,8 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: model
     if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
         instantiate(cfg.base_model)
+    if cfg.get("teacher_base_model") is not None:  # the distillation quickstart's tiny teacher, likewise
+        instantiate(cfg.teacher_base_model)
     checkpointer = instantiate(cfg.checkpointer)
 
     # a lora_* / qlora_* builder: LoRA layers where the config asks; a resumed run's adapters, else fresh ones
@@ -45,6 +50,11 @@ def main(cfg: DictConfig) -> None:
                         activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
                         tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"))
     log_model(model, run)
+    teacher = None  # knowledge distillation: a frozen teacher (eval mode, no grad) sharing the tokenizer
+    if cfg.get("teacher_model") is not None:
+        teacher = build_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer), run,
+                              trainable="none", compile=cfg.compile)
+        check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
 
     # ------------------------------------------------------------------ setup: data
     tokenizer = instantiate(cfg.tokenizer)
@@ -63,7 +73,9 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: optimization and logging
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    if teacher is not None:  # the teacher runs on every micro-batch; validation: the student's cross-entropy
+        loss_fn, val_loss_fn = TeacherDistillation(teacher, loss_fn), loss_fn.cross_entropy()
     step = 0
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
@@ -86,7 +98,7 @@ def main(cfg: DictConfig) -> None:
                                 offload_activations=cfg.get("enable_activation_offloading", False))
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn, run),
+                     validate=sft_validation(model, val_loader, val_loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

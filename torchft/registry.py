@@ -139,6 +139,18 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="knowledge_distillation_single_device",
+        file_path="knowledge_distillation_single_device.py",
+        supports_distributed=False,
+        configs=_configs("quickstart/kd_single_device", "llama3_2/1B_lora_kd_single_device"),
+    ),
+    Recipe(
+        name="knowledge_distillation_distributed",
+        file_path="knowledge_distillation_distributed.py",
+        supports_distributed=True,
+        configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed"),
+    ),
+    Recipe(
         name="lora_dpo_single_device",
         file_path="lora_dpo_single_device.py",
         supports_distributed=False,

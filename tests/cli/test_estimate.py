@@ -160,3 +160,19 @@ def test_docs_quote_what_estimate_gives():
         if not overrides:  # the same config's row in the table of shipped configs
             for what, quoted in _table_row(config).items():
                 assert abs(actual[what] / GIB - quoted) <= TABLE_TOLERANCE_GIB, (config, what, quoted)
+
+
+def test_kd_estimate_counts_the_teachers_weights_sharded_over_the_ranks(capsys):
+    """The 8B teacher in bf16: every parameter's bytes (rounded to 512-byte blocks), halved per rank of 2."""
+    import torch
+
+    from torchft.models.llama3_1 import llama3_1_8b
+
+    with torch.device("meta"):
+        teacher = llama3_1_8b()
+    teacher_bytes = sum(-(-t.numel() * (2 if t.is_floating_point() else t.element_size()) // 512) * 512
+                        for t in [*teacher.parameters(), *teacher.buffers()])
+    assert cli_main.main(["estimate", "--config", "llama3_2/1B_lora_kd_distributed", "--nproc-per-node", "2",
+                          "tokenizer.max_seq_len=64", "batch_size=2", "gradient_accumulation_steps=1", "--json"]) == 0
+    breakdown = json.loads(capsys.readouterr().out)["breakdown"]
+    assert breakdown["teacher_weights"] == round(-(-teacher_bytes // 2) / 2**30, 6)

@@ -84,3 +84,16 @@ def fresh_schedule_lrs(name: str, total_steps: int, lr: float) -> dict[int, floa
 PAST_THE_LAST_STEP = (r"resume_from_checkpoint is at step {step}, past this run's last step \({last}, from "
                       r"max_steps / epochs\): raise max_steps above {step} or resume an earlier step")
 SCHEDULE_CHANGED = "the checkpoint's LR schedule spanned {saved} steps; this run's spans its own total"
+
+
+def assert_resume_from_step_2_of_4_is_exact(full: Path, resumed: Path) -> None:
+    """A 4-step adapter run resumed from its step_2: steps 3 and 4 log the same losses, step_4 the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    losses = {run: train_losses(run) for run in (full, resumed)}
+    assert list(losses[resumed]) == [3, 4]
+    assert [losses[resumed][s] for s in (3, 4)] == [losses[full][s] for s in (3, 4)]
+    adapters = [load_file(run / "step_4" / "adapter" / "adapter_model.safetensors") for run in (full, resumed)]
+    assert sorted(adapters[0]) == sorted(adapters[1])
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

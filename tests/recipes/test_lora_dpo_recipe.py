@@ -3,12 +3,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from torchft.config import load_config
 
-from ._finetune import make_base, read_metrics, restore_torch_threads
+from ._finetune import assert_resume_from_step_2_of_4_is_exact, make_base, read_metrics, restore_torch_threads
 
 _threads = pytest.fixture(autouse=True)(restore_torch_threads)
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,12 +54,6 @@ def test_resume_reproduces_the_uninterrupted_run_and_a_used_output_dir_is_refuse
     recipe.main(dpo_config(tmp_path / "resumed", base, ["max_steps=4", "save_every_n_steps=2",
                                                         "validation_dataset=null",
                                                         f"resume_from_checkpoint={tmp_path / 'full' / 'step_2'}"]))
-    losses = {run: {m["step"]: m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m}
-              for run in ("full", "resumed")}
-    assert list(losses["resumed"]) == [3, 4]
-    assert [losses["resumed"][s] for s in (3, 4)] == [losses["full"][s] for s in (3, 4)]
-    adapters = [load_file(tmp_path / run / "step_4" / "adapter" / "adapter_model.safetensors")
-                for run in ("full", "resumed")]
-    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert_resume_from_step_2_of_4_is_exact(tmp_path / "full", tmp_path / "resumed")
     with pytest.raises(Exception, match="already holds step_2, step_4 from an earlier run"):
         recipe.main(dpo_config(tmp_path / "full", base, ["max_steps=4"]))

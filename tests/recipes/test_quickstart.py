@@ -126,3 +126,25 @@ def test_full_quickstart_halves_the_validation_loss(tmp_path, base_dir, capsys):
                                                r"\(within ([\d.]+)\) to below ([\d.]+) in 400 steps\)")
     assert max(val) == 400
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"step_{max(val)}")
+
+
+DISTILLATION = (ROOT / "docs" / "distillation.md").read_text()
+
+
+def test_kd_quickstart_distils_the_quickstart_base_into_a_smaller_student(tmp_path, base_dir, capsys):
+    """docs/distillation.md's command as shipped (the teacher is the quickstart's base), its first 40 steps."""
+    from torchft._recipes import knowledge_distillation_single_device
+
+    cfg = load_config("quickstart/kd_single_device", [
+        f"output_dir={tmp_path / 'out'}", f"teacher_base_model.path={base_dir}",
+        f"base_model.path={tmp_path / 'student'}", "progress_bar=false", "max_steps=40", "eval_every_n_steps=20"])
+    knowledge_distillation_single_device.main(cfg)
+    out = capsys.readouterr().out
+    assert "samples after fine-tuning:" in out
+    val = val_losses(tmp_path / "out")
+    assert list(val) == [0, 20, 40]
+    _check_validation_figures(val, DISTILLATION, r"validation loss starts at about ([\d.]+) \(within ([\d.]+)\) "
+                                                 r"and is below ([\d.]+) by step 40")
+    loss = [json.loads(line)["loss"] for line in (tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+    assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5  # the KD loss (CE and KL from the teacher) falls

@@ -26,6 +26,7 @@ cheapest settings that make it fit.
 KIND_LABELS = {
     "weights": "weights",
     "quantized_base": "quantized base weights",
+    "teacher_weights": "teacher weights (frozen)",
     "adapters": "adapters",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",

@@ -51,6 +51,13 @@ class _RowDynamicCE:
         return self.compiled(logits, targets, ignore_index)
 
 
+def _rows(targets, start: int, stop: int):
+    """Rows ``start:stop`` of a [n, ...] tensor, or of each tensor of a tuple."""
+    if isinstance(targets, tuple):
+        return tuple(t[start:stop] for t in targets)
+    return targets[start:stop]
+
+
 class _FusedChunkedCE(torch.autograd.Function):
     """Loss and gradients computed chunk by chunk in forward; backward scales the saved gradients.
 
@@ -60,7 +67,8 @@ class _FusedChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, output_fn, ce_fn, chunk_size, ignore_index, *params):
-        # hidden: [n, dim] (every position), targets: [n]
+        # hidden: [n, dim] (every position), targets: [n], or a tuple of [n, ...] tensors cut into the
+        # same chunks and handed to ce_fn together (e.g. the targets and a teacher's hidden states)
         needs_hidden_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
@@ -69,7 +77,7 @@ class _FusedChunkedCE(torch.autograd.Function):
             h_chunk = hidden[start:start + chunk_size].detach().requires_grad_(needs_hidden_grad)
             with torch.enable_grad():
                 # logits [chunk, vocab] live only inside this iteration
-                loss = ce_fn(output_fn(h_chunk), targets[start:start + chunk_size], ignore_index)
+                loss = ce_fn(output_fn(h_chunk), _rows(targets, start, start + chunk_size), ignore_index)
             wrt = ([h_chunk] if needs_hidden_grad else []) + list(params)
             grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
             if needs_hidden_grad:
@@ -133,6 +141,12 @@ class ChunkedCrossEntropy:
                  params: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         targets = targets.reshape(-1)  # [n]
         num_tokens = (targets != self.ignore_index).sum()
+        return self._chunked_sum(hidden, targets, output_fn, params, self._ce), num_tokens
+
+    def _chunked_sum(self, hidden: torch.Tensor, targets, output_fn, params: Sequence[torch.Tensor],
+                     loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """[] fp32 sum of ``loss_fn(logits_chunk, targets_chunk, ignore_index)`` over the chunks of
+        ``hidden`` [b, s, dim]; ``targets``: [n] or a tuple of [n, ...] tensors cut the same way."""
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [n, dim]
         chunk = self.chunk_size(hidden.shape[0])
         params = [p for p in params if p.requires_grad]
@@ -140,10 +154,9 @@ class ChunkedCrossEntropy:
             with torch.no_grad():
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 for i in range(0, hidden.shape[0], chunk):
-                    total += self._ce(output_fn(hidden[i:i + chunk]), targets[i:i + chunk], self.ignore_index)
-            return total, num_tokens
-        loss = _FusedChunkedCE.apply(hidden, targets, output_fn, self._ce, chunk, self.ignore_index, *params)
-        return loss, num_tokens
+                    total += loss_fn(output_fn(hidden[i:i + chunk]), _rows(targets, i, i + chunk), self.ignore_index)
+            return total
+        return _FusedChunkedCE.apply(hidden, targets, output_fn, loss_fn, chunk, self.ignore_index, *params)
 
 
 def output_params(model: nn.Module) -> list[nn.Parameter]:

@@ -128,6 +128,9 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         kind = "adapters" if adapter_model and tensor.requires_grad else "weights"
         tracker.track(tensor, "quantized_base" if id(tensor) in quantized else kind)
+    teacher = getattr(loss_fn, "teacher", None)  # knowledge distillation: the frozen teacher's weights
+    for tensor in [] if teacher is None else [*teacher.parameters(), *teacher.buffers()]:
+        tracker.track(tensor, "teacher_weights")
     # Around the optimizer's own hooks (optimizer-in-backward updates in them), the update counts as
     # one fused kernel, as in the optimizer phase.
     phases: list[str] = []
@@ -152,7 +155,7 @@ def estimate_step(model: nn.Module, *, batch_size: int, seq_len: int, loss_fn,
                     _reference_forward(model, tokens, loss_fn)
                     hidden = model.hidden_states(tokens)  # [b, s, dim]
                 with tracker.phase("loss"):
-                    loss_sum = _step_loss(model, hidden, targets, loss_fn, loss_params)
+                    loss_sum = _step_loss(model, hidden, tokens, targets, loss_fn, loss_params)
                 with tracker.phase("backward"):
                     _backward(loss_sum / targets.numel())
                 del hidden, loss_sum
@@ -185,8 +188,12 @@ def _reference_forward(model: nn.Module, tokens: torch.Tensor, loss_fn) -> None:
             loss_fn.log_probs(model.hidden_states(tokens), shift_targets(tokens), model.output)
 
 
-def _step_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, loss_fn, loss_params) -> torch.Tensor:
-    """[] the summed loss of one micro-batch: cross-entropy, or a preference loss over its rows as pairs."""
+def _step_loss(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, loss_fn,
+               loss_params) -> torch.Tensor:
+    """[] the summed loss of one micro-batch: cross-entropy, a preference loss over its rows as pairs, or
+    distillation (the teacher's forward and its chunks of logits count in the loss phase)."""
+    if getattr(loss_fn, "uses_batch", False):
+        return loss_fn(hidden, targets, model.output, loss_params, batch={"tokens": tokens})[0]
     if _is_preference(loss_fn):
         log_probs, lengths = loss_fn.log_probs(hidden, targets, model.output)  # [2b], [2b]
         return loss_fn(log_probs, lengths, log_probs.detach() if loss_fn.needs_reference else None)[0].sum()
@@ -275,10 +282,15 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
     else:
         make_optimizer = lambda params: instantiate(cfg.optimizer, params)  # noqa: E731
     preference = cfg.loss._component_.endswith("PreferenceLoss")
+    loss_fn = instantiate(cfg.loss) if preference else instantiate(cfg.loss, compile=False)
+    if cfg.get("teacher_model") is not None:  # knowledge distillation: a frozen teacher runs every micro-batch
+        from torchft.training.distillation import TeacherDistillation
+
+        loss_fn = TeacherDistillation(_build_meta_model(cfg.teacher_model, dtype).requires_grad_(False), loss_fn)
     # a preference batch of b pairs is 2b sequences (chosen and rejected)
     estimate = estimate_step(
         model, batch_size=2 * local_batch if preference else local_batch, seq_len=_sequence_length(cfg),
-        loss_fn=instantiate(cfg.loss) if preference else instantiate(cfg.loss, compile=False),
+        loss_fn=loss_fn,
         make_optimizer=make_optimizer,
         activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
         offload_activations=bool(cfg.get("enable_activation_offloading", False)),
@@ -326,6 +338,8 @@ def fsdp_per_rank(estimate: MemoryEstimate, model: nn.Module, world_size: int, *
     breakdown = dict(estimate.breakdown)
     sharded = {kind: -(-breakdown[kind] // world_size) for kind in _SHARDED_KINDS}
     breakdown.update(dict.fromkeys(_SHARDED_KINDS, 0) if cpu_offload else sharded)
+    if "teacher_weights" in breakdown:  # sharded the same way, never offloaded
+        breakdown["teacher_weights"] = -(-breakdown["teacher_weights"] // world_size)
     breakdown["all_gather_buffers"] = int(root_bytes * (1 - 1 / world_size)) + 2 * layer_bytes
     breakdown["reduce_scatter_buffers"] = layer_grad_bytes + reduce_bytes
     # each rank offloads the activations of its own batch; cpu_offload adds its sharded state

@@ -150,7 +150,7 @@ class MemoryTracker(TorchDispatchMode):
         breakdown = dict.fromkeys(KINDS, 0)
         for index in self._peak_live:
             record = self._records[index]
-            breakdown[record.kind] += record.nbytes
+            breakdown[record.kind] = breakdown.get(record.kind, 0) + record.nbytes  # + e.g. teacher_weights
         return breakdown
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -128,8 +128,9 @@ def sft_loss_sum(model: nn.Module, batch: dict, loss_fn: ChunkedCrossEntropy,
     """
     with activation_offloading(offload_activations, batch["tokens"].device):  # the layers' saved inputs only
         hidden = model.hidden_states(batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"))
+    extra = {"batch": batch} if getattr(loss_fn, "uses_batch", False) else {}  # a KD loss runs its teacher on it
     loss_sum, _ = loss_fn(hidden, shift_targets(batch["labels"], loss_fn.ignore_index), model.output,
-                          output_params(model) if params is None else params)
+                          output_params(model) if params is None else params, **extra)
     return loss_sum
 
 
