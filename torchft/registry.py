@@ -148,6 +148,16 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="lora_dpo_distributed",
+        file_path="lora_dpo_distributed.py",
+        supports_distributed=True,
+        configs=_configs(
+            "quickstart/lora_dpo_distributed",
+            "llama3_2/1B_lora_dpo",
+            "llama3_1/8B_lora_dpo",
+        ),
+    ),
+    Recipe(
         name="eleuther_eval",
         file_path="eleuther_eval.py",
         supports_distributed=False,
