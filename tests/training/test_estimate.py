@@ -394,3 +394,18 @@ def test_lora_dpo_estimate_holds_no_reference_weights_and_two_sequences_per_pair
     assert dpo.breakdown["weights"] == sft.breakdown["weights"]
     # the same layers' activations (a few KiB more: the per-answer log-probabilities)
     assert dpo.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-3)
+
+
+def test_distributed_lora_dpo_estimate_is_the_sft_one_at_twice_the_pairs_with_no_reference_weights():
+    """lora_dpo_distributed's config per rank: its sharded weights are the LoRA SFT config's (no reference
+    copy) and b pairs per rank hold the activations of 2b sequences."""
+    from pathlib import Path
+
+    from torchft.training.estimate import estimate_memory
+
+    configs = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "llama3_2"
+    short = ["tokenizer.max_seq_len=256"]
+    dpo = estimate_memory(str(configs / "1B_lora_dpo.yaml"), ["batch_size=2", *short], nproc_per_node=2)
+    sft = estimate_memory(str(configs / "1B_lora.yaml"), ["batch_size=4", *short], nproc_per_node=2)
+    assert dpo.breakdown["weights"] == sft.breakdown["weights"]
+    assert dpo.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-3)
