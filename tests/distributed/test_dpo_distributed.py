@@ -1,4 +1,5 @@
-"""lora_dpo_distributed on 2 CPU ranks (gloo) against lora_dpo_single_device with the same global batch."""
+"""lora_dpo_distributed and full_dpo_distributed on 2 CPU ranks (gloo), against lora_dpo_single_device with the
+same global batch."""
 import itertools
 import shutil
 from pathlib import Path
@@ -51,6 +52,8 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "dist" / "step_2", root / "resumed" / "step_2")
     _run_ok(launch("lora_dpo_distributed", "quickstart/lora_dpo_distributed", _overrides(
         root / "resumed", base, train, val, [f"resume_from_checkpoint={root / 'resumed' / 'step_2'}"])))
+    _run_ok(launch("full_dpo_distributed", "quickstart/full_dpo_distributed", _overrides(
+        root / "full", base, train, val, ["max_steps=2", "optimizer.lr=1e-3"])))
     return root
 
 
@@ -83,3 +86,16 @@ def test_resume_mid_run_equals_the_uninterrupted_run(runs):
     assert [resumed[s]["loss"] for s in (3, 4)] == [full[s]["loss"] for s in (3, 4)]
     adapters = [load_file(runs / run / "step_4" / "adapter" / "adapter_model.safetensors") for run in ("dist", "resumed")]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_full_dpo_starts_at_log_2_where_its_frozen_reference_is_the_policy_and_then_learns(runs):
+    """The frozen reference copy is the input model: at step 0 it equals the policy (and the LoRA run's
+    adapters-disabled reference), so the loss is log 2 and the validation metrics are the LoRA run's."""
+    full, lora = _metrics(runs / "full"), _metrics(runs / "single")
+    full_val, lora_val = _metrics(runs / "full", "val_"), _metrics(runs / "single", "val_")
+    assert full[1]["loss"] == pytest.approx(0.693147, abs=1e-5) == lora[1]["loss"]
+    for name in NAMES:
+        assert full_val[0]["val_" + name] == pytest.approx(lora_val[0]["val_" + name], abs=1e-6)
+    assert full[2]["loss"] < full[1]["loss"] and full_val[2]["val_loss"] < full_val[0]["val_loss"]
+    weights = load_file(runs / "full" / "step_2" / "model.safetensors")
+    assert not (runs / "full" / "step_2" / "adapter").exists() and len(weights) > 10
