@@ -158,6 +158,12 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="full_dpo_single_device",
+        file_path="full_dpo_single_device.py",
+        supports_distributed=False,
+        configs=_configs("quickstart/full_dpo_single_device"),
+    ),
+    Recipe(
         name="full_dpo_distributed",
         file_path="full_dpo_distributed.py",
         supports_distributed=True,

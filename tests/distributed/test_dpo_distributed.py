@@ -37,7 +37,7 @@ def _overrides(out: Path, base: Path, train: Path, val: Path, extra=()) -> list[
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from torchft._recipes import lora_dpo_single_device
+    from torchft._recipes import full_dpo_single_device, lora_dpo_single_device
 
     root = tmp_path_factory.mktemp("dpo_dist")
     base = make_base(root)
@@ -54,6 +54,8 @@ def runs(tmp_path_factory):
         root / "resumed", base, train, val, [f"resume_from_checkpoint={root / 'resumed' / 'step_2'}"])))
     _run_ok(launch("full_dpo_distributed", "quickstart/full_dpo_distributed", _overrides(
         root / "full", base, train, val, ["max_steps=2", "optimizer.lr=1e-3"])))
+    full_dpo_single_device.main(load_config(str(CONFIGS / "full_dpo_single_device.yaml"), _overrides(
+        root / "full_single", base, train, val, ["max_steps=2", "optimizer.lr=1e-3"])))
     return root
 
 
@@ -88,14 +90,21 @@ def test_resume_mid_run_equals_the_uninterrupted_run(runs):
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
 
 
-def test_full_dpo_starts_at_log_2_where_its_frozen_reference_is_the_policy_and_then_learns(runs):
+def test_full_dpo_on_2_ranks_matches_one_device_from_log_2_where_its_frozen_reference_is_the_policy(runs):
     """The frozen reference copy is the input model: at step 0 it equals the policy (and the LoRA run's
-    adapters-disabled reference), so the loss is log 2 and the validation metrics are the LoRA run's."""
-    full, lora = _metrics(runs / "full"), _metrics(runs / "single")
-    full_val, lora_val = _metrics(runs / "full", "val_"), _metrics(runs / "single", "val_")
+    adapters-disabled reference), so the first loss is log 2 and the validation metrics are the LoRA run's;
+    2 ranks then train as one device."""
+    full, single, lora = _metrics(runs / "full"), _metrics(runs / "full_single"), _metrics(runs / "single")
+    full_val, single_val = _metrics(runs / "full", "val_"), _metrics(runs / "full_single", "val_")
+    lora_val = _metrics(runs / "single", "val_")
     assert full[1]["loss"] == pytest.approx(0.693147, abs=1e-5) == lora[1]["loss"]
     for name in NAMES:
         assert full_val[0]["val_" + name] == pytest.approx(lora_val[0]["val_" + name], abs=1e-6)
+    for step, name in itertools.product((1, 2), NAMES):
+        assert full[step][name] == pytest.approx(single[step][name], abs=1e-5), (step, name)
+        assert full_val[step if step == 2 else 0]["val_" + name] == pytest.approx(
+            single_val[step if step == 2 else 0]["val_" + name], abs=1e-5)
     assert full[2]["loss"] < full[1]["loss"] and full_val[2]["val_loss"] < full_val[0]["val_loss"]
-    weights = load_file(runs / "full" / "step_2" / "model.safetensors")
-    assert not (runs / "full" / "step_2" / "adapter").exists() and len(weights) > 10
+    weights = [load_file(runs / run / "step_2" / "model.safetensors") for run in ("full", "full_single")]
+    assert not (runs / "full" / "step_2" / "adapter").exists() and sorted(weights[0]) == sorted(weights[1])
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-4
