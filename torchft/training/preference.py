@@ -122,3 +122,20 @@ def preference_validation(model: nn.Module, batches, loss_fn: PreferenceLoss, re
         model.train(was_training)
     totals = all_reduce_sum(torch.cat([sums, torch.tensor([pairs], dtype=torch.float32, device=device)]))
     return {name: float(value) for name, value in zip(METRIC_NAMES, totals[:-1] / totals[-1].clamp(min=1))}
+
+
+def preference_train_step(model: nn.Module, loss_fn: PreferenceLoss, optimizer, lr_scheduler,
+                          reference: Reference | None, *, sharded: bool, max_grad_norm: float | None = None,
+                          offload_activations: bool = False):
+    """``train_step(micro_batches, step)`` of the preference recipes: :func:`preference_step` (with global
+    values when ``sharded``, a run under torchrun)."""
+    return lambda micro_batches, step: preference_step(
+        model, micro_batches, loss_fn, optimizer, lr_scheduler, reference=reference, max_grad_norm=max_grad_norm,
+        offload_activations=offload_activations, sharded=sharded)
+
+
+def preference_validate(model: nn.Module, val_loader, loss_fn: PreferenceLoss, reference: Reference | None,
+                        device: torch.device):
+    """``validate()`` for the loop: :func:`preference_validation` over ``val_loader``, or None without one."""
+    return None if val_loader is None else partial(preference_validation, model, val_loader, loss_fn, reference,
+                                                   device)
