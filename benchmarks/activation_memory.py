@@ -9,6 +9,8 @@ LoRA rank 16 on every linear layer of the decoder, 1 x 512 tokens) and the figur
     python benchmarks/activation_memory.py                  # torchft, torchtune, HF+PEFT; 1B and 8B shapes
     python benchmarks/activation_memory.py --peer torchft --shape 1b --ac
     python benchmarks/activation_memory.py --shapes 1b --modes compiled   # part of the table
+    python benchmarks/activation_memory.py --dpo                 # torchft: DPO beside SFT (1B, 8B shapes)
+    python benchmarks/activation_memory.py --dpo --shape tiny --tokens 64   # the CPU-tiny mode of the test
 
 torchtune is measured when it imports (``TORCHTUNE_PYTHON=/path/to/python`` names an interpreter
 that has it; each peer runs in its own process). Prints one JSON line per figure, then a table.
@@ -108,6 +110,45 @@ def _hf_peft(num_layers: int, shape: dict, checkpointing: bool):
 PEERS = {"torchft": _torchft, "torchtune": _torchtune, "hf_peft": _hf_peft}
 
 
+def dpo_rows(shape: str, tokens: int = 512) -> dict:
+    """DPO beside SFT in torchft (the ``--dpo`` rows), for one layer shape:
+
+    - ``sft`` / ``dpo``: KiB kept for backward per token per decoder layer by an SFT forward and by a DPO
+      micro-batch (the reference's forward, without gradients, then the policy's), the same accounting as
+      the table. A pair is two sequences, so a DPO step of b pairs keeps this per token over 2b sequences.
+    - ``*_param_bytes``: bytes of unique parameter storages held by the policy and its reference (3 layers):
+      LoRA's reference is the policy with adapters off (no storage of its own), full DPO's a frozen copy.
+    """
+    import copy
+
+    from torchft.modules.peft import disable_adapter
+
+    figures = {"sft": [], "dpo": []}
+    params = {}
+    for num_layers in (1, 3):
+        torch.manual_seed(0)
+        model, forward = _torchft(num_layers, LAYER_SHAPES[shape], False)
+        ids = torch.randint(0, VOCAB, (1, tokens))
+
+        def dpo_micro_batch():
+            with torch.no_grad(), disable_adapter(model):
+                forward(ids)  # the reference: nothing is kept for backward
+            return forward(ids)
+
+        figures["sft"].append(saved_activation_bytes(lambda: forward(ids), model.parameters()))
+        figures["dpo"].append(saved_activation_bytes(dpo_micro_batch, model.parameters()))
+        if num_layers == 3:
+            frozen_copy = copy.deepcopy(model)
+            unique = lambda *models: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                                          for m in models for p in m.parameters()}.values())
+            params = dict(policy_param_bytes=unique(model), lora_policy_and_reference_param_bytes=unique(model, model),
+                          full_policy_and_reference_param_bytes=unique(model, frozen_copy))
+        del model
+    per_layer = {k: (v[1] - v[0]) / 2 / tokens / 1024 for k, v in figures.items()}
+    return dict(shape=shape, sft_kib_per_token_per_layer=round(per_layer["sft"], 2),
+                dpo_kib_per_token_per_layer=round(per_layer["dpo"], 2), **params)
+
+
 def kib_per_token_per_layer(peer: str, shape: str, tokens: int = 512, checkpointing: bool = False,
                             compiled: bool = False) -> float:
     """The figure of the module docstring for one peer and one layer shape."""
@@ -149,8 +190,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
                         help="table: eager and/or compiled layers")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dpo", action="store_true", help="torchft only: DPO beside SFT (see dpo_rows)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+    if args.dpo:
+        for shape in ["tiny"] if args.shape == "tiny" else args.shapes:
+            print(json.dumps(dpo_rows(shape, args.tokens)), flush=True)
+        return
 
     if args.peer:
         figure = kib_per_token_per_layer(args.peer, args.shape, args.tokens, args.ac, args.compiled)

@@ -20,10 +20,9 @@ from torchft.config import check_start, instantiate, recipe_main
 from torchft.data.preference import preference_collate
 from torchft.training.checkpointing import adapter_state_dict_cpu
 from torchft.training.estimate import warn_if_over_memory
-from torchft.training.preference import adapters_disabled_reference, preference_step, preference_validation
+from torchft.training.preference import adapters_disabled_reference, preference_train_step, preference_validate
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
-from torchft.training.steps import StepResult
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_model, log_model, make_loop, run_length,
                                      start_run, train, trainable_params)
@@ -73,15 +72,12 @@ def main(cfg: DictConfig) -> None:
             training_state=training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model))))
 
     # ------------------------------------------------------------------ loop
-    def train_step(micro_batches: list[dict], step: int) -> StepResult:
-        return preference_step(model, micro_batches, loss_fn, optimizer, lr_scheduler, reference=reference,
-                               max_grad_norm=cfg.get("clip_grad_norm"),
-                               offload_activations=cfg.get("enable_activation_offloading", False))
-
+    train_step = preference_train_step(model, loss_fn, optimizer, lr_scheduler, reference, sharded=False,
+                                       max_grad_norm=cfg.get("clip_grad_norm"),
+                                       offload_activations=cfg.get("enable_activation_offloading", False))
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=None if val_loader is None else partial(preference_validation, model, val_loader,
-                                                                      loss_fn, reference, run.device),
+                     validate=preference_validate(model, val_loader, loss_fn, reference, run.device),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=False),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     start_writing(cfg, run.output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),

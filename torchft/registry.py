@@ -161,6 +161,32 @@ RECIPES: list[Recipe] = [
         ),
     ),
     Recipe(
+        name="lora_dpo_distributed",
+        file_path="lora_dpo_distributed.py",
+        supports_distributed=True,
+        configs=_configs(
+            "quickstart/lora_dpo_distributed",
+            "llama3_2/1B_lora_dpo",
+            "llama3_1/8B_lora_dpo",
+        ),
+    ),
+    Recipe(
+        name="full_dpo_single_device",
+        file_path="full_dpo_single_device.py",
+        supports_distributed=False,
+        configs=_configs("quickstart/full_dpo_single_device"),
+    ),
+    Recipe(
+        name="full_dpo_distributed",
+        file_path="full_dpo_distributed.py",
+        supports_distributed=True,
+        configs=_configs(
+            "quickstart/full_dpo_distributed",
+            "llama3_2/1B_full_dpo",
+            "llama3_1/8B_full_dpo",
+        ),
+    ),
+    Recipe(
         name="eleuther_eval",
         file_path="eleuther_eval.py",
         supports_distributed=False,

@@ -394,3 +394,27 @@ def test_lora_dpo_estimate_holds_no_reference_weights_and_two_sequences_per_pair
     assert dpo.breakdown["weights"] == sft.breakdown["weights"]
     # the same layers' activations (a few KiB more: the per-answer log-probabilities)
     assert dpo.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-3)
+
+
+
+def test_distributed_dpo_estimates_count_the_full_reference_copy_and_no_lora_one(tmp_path):
+    """Per rank: full-weight DPO holds a frozen reference copy (its shard of the weights, once more); LoRA
+    DPO's reference is the base with adapters off (no weights of its own), so its weights are the LoRA SFT
+    config's; a pair is two sequences (the activations of the SFT config at twice the batch)."""
+    from pathlib import Path
+
+    from torchft.training.quickstart import tiny_base_model
+
+    base = tiny_base_model(str(tmp_path / "base"), seed=0, pretrain_steps=0)
+    quickstart = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "quickstart"
+    tiny = ["~base_model", f"checkpointer.checkpoint_dir={base}", "tokenizer.max_seq_len=64"]
+    estimate = lambda name, *extra: estimate_memory(str(quickstart / f"{name}.yaml"), [*tiny, *extra],  # noqa: E731
+                                                    nproc_per_node=2)
+    full, lora = estimate("full_dpo_distributed", "batch_size=2"), estimate("lora_dpo_distributed", "batch_size=2")
+    sft = estimate("lora_distributed", "batch_size=4")
+    model_bytes = full.breakdown["weights"]  # fp32 full weights: the policy's shard
+    assert full.breakdown["reference_weights"] == pytest.approx(model_bytes, rel=0.02)
+    assert "reference_weights" not in lora.breakdown and lora.breakdown["weights"] == sft.breakdown["weights"]
+    assert lora.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-2)
+    simpo = estimate("full_dpo_distributed", "batch_size=2", "loss.loss_type=simpo")
+    assert "reference_weights" not in simpo.breakdown  # reference-free: no copy

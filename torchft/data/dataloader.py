@@ -145,9 +145,10 @@ class MaskedTailPadding(torch.utils.data.Dataset):
         if i < len(self.dataset):
             return self.dataset[i]
         sample = dict(self.dataset[i % len(self.dataset)])
-        labels = sample["labels"]  # a list (unpacked samples) or a [s] tensor (packs)
-        sample["labels"] = (torch.full_like(labels, IGNORE_INDEX) if isinstance(labels, torch.Tensor)
-                            else [IGNORE_INDEX] * len(labels))
+        for key in [k for k in sample if k.endswith("labels")]:  # "labels"; a pair's "chosen_labels" etc.
+            labels = sample[key]  # a list (unpacked samples) or a [s] tensor (packs)
+            sample[key] = (torch.full_like(labels, IGNORE_INDEX) if isinstance(labels, torch.Tensor)
+                           else [IGNORE_INDEX] * len(labels))
         return sample
 
 

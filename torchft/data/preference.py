@@ -169,8 +169,9 @@ def preference_dataset(
 def preference_collate(batch: list[dict], pad_id: int = 0, ignore_index: int = IGNORE_INDEX) -> dict:
     """``b`` pairs -> one padded batch of ``2b`` rows: ``tokens`` / ``labels`` [2b, s] with the chosen
     answers in rows ``0..b-1`` and the rejected ones in rows ``b..2b-1`` (one forward serves both), the
-    counts of :func:`~torchft.data.collate.padded_collate`, and ``num_pairs`` (b)."""
+    counts of :func:`~torchft.data.collate.padded_collate`, and ``num_pairs``: the pairs that carry a loss
+    (both answers have a target token; a rank's masked tail copies count nothing)."""
     rows = [{"tokens": s[f"{side}_tokens"], "labels": s[f"{side}_labels"]} for side in _SIDES for s in batch]
     out = padded_collate(rows, pad_id=pad_id, ignore_index=ignore_index)
-    out["num_pairs"] = len(batch)
+    out["num_pairs"] = sum(all(any(t != ignore_index for t in s[f"{side}_labels"]) for side in _SIDES) for s in batch)
     return out

@@ -301,7 +301,20 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
         estimate.settings["batch_size_per_rank"] = local_batch
         estimate = fsdp_per_rank(estimate, model, nproc_per_node, cpu_offload=bool(cfg.get("cpu_offload", False)),
                                  reduce_dtype=torch.float32 if cfg.get("fp32_reduce", False) else None)
+    if preference and instantiate(cfg.loss).needs_reference:
+        estimate = with_reference_weights(estimate, model, nproc_per_node)
     return with_cublas_workspaces(estimate)
+
+
+def with_reference_weights(estimate: MemoryEstimate, model: nn.Module, nproc_per_node: int) -> MemoryEstimate:
+    """Full-weight DPO/IPO holds a frozen copy of the model as its reference (sharded over the ranks): its
+    weights are added (kind ``reference_weights``). A LoRA reference is the same weights with the adapters
+    disabled and adds nothing."""
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        return estimate
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) // nproc_per_node
+    breakdown = {**estimate.breakdown, "reference_weights": size}
+    return dataclasses.replace(estimate, peak_bytes=estimate.peak_bytes + size, breakdown=breakdown)
 
 
 def with_cublas_workspaces(estimate: MemoryEstimate) -> MemoryEstimate:

@@ -58,6 +58,11 @@ def preference_loss_sum(model: nn.Module, batch: dict, loss_fn: PreferenceLoss, 
         hidden = _hidden(model, batch)
     policy, lengths = loss_fn.log_probs(hidden, targets, model.output)  # [2b], [2b]
     losses, chosen_rewards, rejected_rewards = loss_fn(policy, lengths, ref)
+    # a pair whose answers carry no target (a rank's masked tail copy) counts nothing, as in num_pairs
+    b = losses.shape[0]
+    real = (lengths[:b] > 0) & (lengths[b:] > 0)  # [b]
+    losses, chosen_rewards, rejected_rewards = (torch.where(real, x, torch.zeros_like(x))
+                                                for x in (losses, chosen_rewards, rejected_rewards))
     metric_sums += preference_metrics(losses, chosen_rewards, rejected_rewards)
     return losses.sum()
 
@@ -68,26 +73,42 @@ def _step_pairs(micro_batches: Sequence[dict]) -> int:
 
 def preference_step(model: nn.Module, micro_batches: Sequence[dict], loss_fn: PreferenceLoss, optimizer,
                     lr_scheduler, *, reference: Reference | None, max_grad_norm: float | None = None,
-                    offload_activations: bool = False) -> StepResult:
+                    offload_activations: bool = False, sharded: bool = False) -> StepResult:
     """One optimizer step of preference tuning: pair-weighted forward/backward, then the shared update
-    (clip, skip a non-finite step on the device, LR schedule). Returns the step's means as metrics."""
-    pairs = _step_pairs(micro_batches)
-    sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=micro_batches[0]["tokens"].device)
+    (clip, skip a non-finite step on the device, LR schedule). Returns the step's means as metrics.
+
+    ``sharded`` (a data-parallel run): the loss is divided by the pairs of the step over all ranks and the
+    metrics, counts and gradient norm are global, so N ranks train as one device with every rank's pairs."""
+    from torchft.training.distributed import all_reduce_sum, full_tensor
+    from torchft.training.distributed_steps import sharded_accumulate_gradients
+
+    device = micro_batches[0]["tokens"].device
+    reduce = all_reduce_sum if sharded else (lambda t: t)
+    pairs = reduce(torch.tensor(_step_pairs(micro_batches), dtype=torch.float32, device=device))  # [] global
+    sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=device)
     batch_loss = partial(preference_loss_sum, model, loss_fn=loss_fn, reference=reference, metric_sums=sums,
                          offload_activations=offload_activations)
-    accumulate_gradients(micro_batches, batch_loss, pairs)
-    means = sums / pairs
-    grad_norm, found_inf = update_weights(optimizer, lr_scheduler, means[0], max_grad_norm)
-    answer_tokens = sum(int(b["num_target_tokens"]) for b in micro_batches)
-    return StepResult(means[0], answer_tokens, grad_norm, found_inf, step_tokens(micro_batches),
+    if sharded:
+        sharded_accumulate_gradients(model, micro_batches, batch_loss, pairs)
+    else:
+        accumulate_gradients(micro_batches, batch_loss, pairs.clamp(min=1))
+    means = reduce(sums) / pairs.clamp(min=1)
+    grad_norm, found_inf = update_weights(optimizer, lr_scheduler, means[0], max_grad_norm,
+                                          global_norm=full_tensor if sharded else (lambda norm: norm))
+    counts = reduce(torch.tensor([sum(int(b["num_target_tokens"]) for b in micro_batches),
+                                  step_tokens(micro_batches)], device=device))  # [answer tokens, tokens]
+    return StepResult(means[0], counts[0], grad_norm, found_inf, counts[1],
                       metrics=dict(zip(METRIC_NAMES[1:], means[1:])))
 
 
 @torch.no_grad()
 def preference_validation(model: nn.Module, batches, loss_fn: PreferenceLoss, reference: Reference | None,
                           device: torch.device) -> dict[str, float]:
-    """The metrics of :func:`preference_step` over every validation pair, in eval mode
-    (``{"loss": ..., "rewards/accuracies": ...}``; the loop logs them as ``val_<name>``)."""
+    """The metrics of :func:`preference_step` over every validation pair (over all ranks under torchrun:
+    every rank runs the same count of batches, a tail padded with masked pairs that count nothing), in eval
+    mode (``{"loss": ..., "rewards/accuracies": ...}``; the loop logs them as ``val_<name>``)."""
+    from torchft.training.distributed import all_reduce_sum
+
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(METRIC_NAMES), dtype=torch.float32, device=device)
@@ -99,4 +120,22 @@ def preference_validation(model: nn.Module, batches, loss_fn: PreferenceLoss, re
             pairs += _step_pairs([batch])
     finally:
         model.train(was_training)
-    return {name: float(value) for name, value in zip(METRIC_NAMES, sums / max(pairs, 1))}
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([pairs], dtype=torch.float32, device=device)]))
+    return {name: float(value) for name, value in zip(METRIC_NAMES, totals[:-1] / totals[-1].clamp(min=1))}
+
+
+def preference_train_step(model: nn.Module, loss_fn: PreferenceLoss, optimizer, lr_scheduler,
+                          reference: Reference | None, *, sharded: bool, max_grad_norm: float | None = None,
+                          offload_activations: bool = False):
+    """``train_step(micro_batches, step)`` of the preference recipes: :func:`preference_step` (with global
+    values when ``sharded``, a run under torchrun)."""
+    return lambda micro_batches, step: preference_step(
+        model, micro_batches, loss_fn, optimizer, lr_scheduler, reference=reference, max_grad_norm=max_grad_norm,
+        offload_activations=offload_activations, sharded=sharded)
+
+
+def preference_validate(model: nn.Module, val_loader, loss_fn: PreferenceLoss, reference: Reference | None,
+                        device: torch.device):
+    """``validate()`` for the loop: :func:`preference_validation` over ``val_loader``, or None without one."""
+    return None if val_loader is None else partial(preference_validation, model, val_loader, loss_fn, reference,
+                                                   device)
