@@ -92,6 +92,9 @@ RECIPES: list[Recipe] = [
             "llama3_2/1B_qlora_single_device",
             "llama3_2/3B_lora_single_device",
             "llama3_2/3B_qlora_single_device",
+            "quickstart/qat_lora_single_device",  # quantization-aware training: the configs' qat: section
+            "llama3_1/8B_qat_lora_single_device",
+            "llama3_2/1B_qat_lora_single_device",
         ),
     ),
     Recipe(
@@ -109,6 +112,8 @@ RECIPES: list[Recipe] = [
             "llama3_1/70B_full",
             "llama3_2/1B_full",
             "llama3_2/3B_full",
+            "llama3_1/8B_qat_full",  # quantization-aware training: the configs' qat: section
+            "llama3_2/1B_qat_full",
         ),
     ),
     Recipe(

@@ -113,13 +113,14 @@ def log_model(model: nn.Module, run: Run) -> None:
 
 def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                 trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
-                compile: bool = False) -> nn.Module:
+                compile: bool = False, qat=None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
     load it on ``run.device`` one layer at a time, then apply activation checkpointing and compile.
 
     ``trainable``: ``all`` (full fine-tuning; a resumed run continues from its step folder's weights),
     ``adapters`` (LoRA/DoRA/QLoRA on ``checkpointer``'s base weights; a resumed run's adapters, else
     fresh ones) or ``none`` (a frozen reference or teacher model, from ``checkpointer``'s weights).
+    ``qat`` (:class:`~torchft.training.qat.QATSettings`) fake-quantizes the linears after the load.
     """
     from torchft.training.activations import apply_activation_checkpointing
     from torchft.training.compile import compile_layers
@@ -137,6 +138,10 @@ def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
         load_full_model(model, checkpointer.load_model_state_dict(weights_from), run.device, run.dtype)
         if trainable == "none":
             model.requires_grad_(False)
+    if qat is not None:
+        from torchft.training.qat import apply_qat
+
+        apply_qat(model, qat)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -146,13 +151,15 @@ def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
 
 def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                         trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
-                        compile: bool = False, fp32_reduce: bool = False, cpu_offload: bool = False) -> nn.Module:
+                        compile: bool = False, fp32_reduce: bool = False, cpu_offload: bool = False,
+                        qat=None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
     apply activation checkpointing, compile and FSDP2 (in that order), stream in this rank's rows of
     ``checkpointer``'s weights and leave ``trainable`` parameters trainable: ``all`` (full fine-tuning),
     ``adapters`` (LoRA/DoRA/QLoRA, fresh adapters the same on every rank) or ``none`` (a frozen
     reference or teacher model). ``fp32_reduce`` reduces gradients in fp32; ``cpu_offload`` keeps
-    the shards, gradients and optimizer state in CPU memory.
+    the shards, gradients and optimizer state in CPU memory. ``qat`` (:class:`~torchft.training.qat.QATSettings`)
+    fake-quantizes the linears before all of these.
     """
     from torchft.modules.peft import get_adapter_params, set_trainable_params
     from torchft.training.activations import apply_activation_checkpointing
@@ -167,6 +174,10 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
         model = build()
     check_same_architecture(model.args, checkpointer.model_args, checkpointer.checkpoint_dir)
     check_nf4_shardable(model, env.shard_count)
+    if qat is not None:
+        from torchft.training.qat import apply_qat
+
+        apply_qat(model, qat)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
