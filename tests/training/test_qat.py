@@ -116,5 +116,5 @@ def test_qat_lora_resumes_across_the_switch_and_quantize_matches_the_fake_quant_
         set_fake_quant(fake, False)
         unquantized = fake(probe)
     err = (got - want).abs().max().item()
-    assert err < 1e-3, err  # fp32 on CPU; the bound the docs state
+    assert err < 1e-5, err  # fp32 on CPU: measured 0.0 (the same int8/int4 rounding); the docs state this bound
     assert (unquantized - want).abs().max().item() > 10 * err  # the match is the quantization's, not chance
