@@ -135,8 +135,12 @@ def apply_qat(model: nn.Module, settings: QATSettings) -> nn.Module:
                 raise ValueError(f"qat with LoRA needs lora_dropout 0; {name} has {module.dropout_p} "
                                  "(the fake-quantized weight is the merged one)")
     plain = {id(m) for _, m in targets if isinstance(m, nn.Linear)}
+    # on ``meta`` torchao's swap makes fresh weights (trainable); keep each parameter's requires_grad
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"),
               filter_fn=lambda module, fqn: id(module) in plain)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
     for _, module in targets:
         if isinstance(module, FrozenLinear):
             module.input_fake_quantizer = None if activation is None else FakeQuantizerBase.from_config(activation)
