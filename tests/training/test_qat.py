@@ -118,3 +118,20 @@ def test_qat_lora_resumes_across_the_switch_and_quantize_matches_the_fake_quant_
     err = (got - want).abs().max().item()
     assert err < 1e-5, err  # fp32 on CPU: measured 0.0 (the same int8/int4 rounding); the docs state this bound
     assert (unquantized - want).abs().max().item() > 10 * err  # the match is the quantization's, not chance
+
+
+def test_full_finetune_with_a_qat_section_trains_through_fake_quant_and_saves_plain_hf_weights(tmp_path):
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from torchft._recipes import full_finetune_single_device as recipe
+
+    base = make_base(tmp_path)
+    short = ["max_steps=2", "save_every_n_steps=2", "eval_every_n_steps=100"]
+    recipe.main(tiny_config("full", tmp_path / "qat", base, short + ["+qat.scheme=8da4w", "+qat.group_size=32"]))
+    recipe.main(tiny_config("full", tmp_path / "plain", base, short))
+    qat_out, plain_out = tmp_path / "qat" / "out", tmp_path / "plain" / "out"
+    assert train_losses(qat_out)[1] != train_losses(plain_out)[1]  # step 1 already computes through fake quant
+    names = lambda folder: {k for f in folder.glob("*.safetensors") for k in load_file(f)}  # noqa: E731
+    assert names(qat_out / "step_2") == names(plain_out / "step_2") == names(base)
+    assert OmegaConf.load(qat_out / "torchft_config.yaml").qat.scheme == "8da4w"  # the resolved config records it
