@@ -135,3 +135,16 @@ def test_full_finetune_with_a_qat_section_trains_through_fake_quant_and_saves_pl
     names = lambda folder: {k for f in folder.glob("*.safetensors") for k in load_file(f)}  # noqa: E731
     assert names(qat_out / "step_2") == names(plain_out / "step_2") == names(base)
     assert OmegaConf.load(qat_out / "torchft_config.yaml").qat.scheme == "8da4w"  # the resolved config records it
+
+
+@pytest.mark.parametrize("recipe", ["full_finetune_single_device", "lora_finetune_single_device",
+                                    "full_finetune_distributed", "lora_finetune_distributed"])
+def test_every_fine_tuning_recipe_accepts_a_qat_section(recipe):
+    from torchft import registry
+    from torchft.config import load_config, validate
+
+    config = next(c for c in registry.get_recipe(recipe).configs if c.name.startswith("quickstart/"))
+    cfg = load_config(config.name, ["+qat.scheme=8da4w"])
+    assert validate(cfg, accepted_keys=registry.accepted_keys(registry.get_recipe(recipe))) == []
+    without = registry.accepted_keys(registry.get_recipe("generate"))  # a recipe that does not read it
+    assert "qat" not in without
