@@ -148,3 +148,28 @@ def test_every_fine_tuning_recipe_accepts_a_qat_section(recipe):
     assert validate(cfg, accepted_keys=registry.accepted_keys(registry.get_recipe(recipe))) == []
     without = registry.accepted_keys(registry.get_recipe("generate"))  # a recipe that does not read it
     assert "qat" not in without
+
+
+@pytest.mark.gpu
+def test_4w_converted_on_cuda_follows_the_fake_quant_model(tmp_path):
+    """4w converts only on CUDA (int4_weight_only, bf16): the converted logits sit much nearer the
+    fake-quantized model's than the unquantized model's (the kernels round bf16 sums differently, so
+    not equal)."""
+    from torchft._recipes.quantize import main as quantize
+    from torchft.config import load_config
+    from torchft.generation import load_model
+    from torchft.generation._quantize import load_quantized
+
+    base = make_base(tmp_path)
+    quantize(load_config("quantization", [f"checkpoint_dir={base}", f"output_dir={tmp_path / 'q'}",
+                                          "scheme=int4_weight_only", "group_size=32", "quantize_lm_head=false",
+                                          "device=cuda", "dtype=bf16"]))
+    converted = load_quantized(tmp_path / "q", device="cuda")
+    fake = load_model(base, device="cuda", dtype=torch.bfloat16)
+    apply_qat(fake, QATSettings("4w", group_size=32))
+    probe = torch.tensor([[1, 5, 9, 22, 40, 7, 7, 3, 100, 512]], device="cuda")
+    with torch.no_grad():
+        want, got = fake(probe).float(), converted(probe).float()
+        set_fake_quant(fake, False)
+        unquantized = fake(probe).float()
+    assert (got - want).abs().max() < 0.25 * (unquantized - want).abs().max()
