@@ -25,6 +25,38 @@ from torchft.models import llama
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def docs_token_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The repo's docs/*.md as token ids, split 90% train / 10% held out."""
+    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
+    ids = torch.tensor(tokenizer.encode(text, add_bos=True, add_eos=False))
+    split = int(0.9 * len(ids))
+    return ids[:split], ids[split:]
+
+
+def small_llama(vocab_size: int, **dims):
+    """4 layers, hidden 256 (3.7M parameters with the quickstart vocabulary) unless ``dims`` says otherwise."""
+    shape = dict(num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256, intermediate_dim=768, max_seq_len=512)
+    return llama(vocab_size=vocab_size, **{**shape, **dims})
+
+
+def train_on(model, train: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float, seed: int,
+             device: str) -> float:
+    """``steps`` AdamW steps on random windows of ``train`` (the windows drawn from ``seed``); the last loss."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        offsets = torch.randint(0, len(train) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([train[o : o + seq_len + 1] for o in offsets.tolist()]).to(device)  # [b, s + 1]
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step}: loss {loss.item():.3f}", flush=True)
+    return loss.item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -35,25 +67,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     tokenizer = quickstart_tokenizer()
-    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
-    ids = torch.tensor(tokenizer.encode(text, add_bos=True, add_eos=False))
-    split = int(0.9 * len(ids))
-    train, held_out = ids[:split], ids[split:]
-
-    model = llama(vocab_size=tokenizer.vocab_size, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=256,
-                  intermediate_dim=768, max_seq_len=512).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    train, held_out = docs_token_ids(tokenizer)
+    model = small_llama(tokenizer.vocab_size).to(args.device)
     start = time.perf_counter()
-    for step in range(args.steps):
-        offsets = torch.randint(0, len(train) - args.seq_len - 1, (args.batch_size,))
-        batch = torch.stack([train[o : o + args.seq_len + 1] for o in offsets.tolist()]).to(args.device)
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step}: loss {loss.item():.3f}", flush=True)
+    train_on(model, train, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=2e-3, seed=0,
+             device=args.device)
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; "
           f"{len(train)} train / {len(held_out)} held-out tokens")
     model.eval()

@@ -20,6 +20,7 @@ from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
+from torchft.training.qat import qat_settings, with_fake_quant_schedule
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, check_offload_memory, log_model,
@@ -43,11 +44,13 @@ def main(cfg: DictConfig) -> None:
     if run.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
         instantiate(cfg.base_model)
     dist.barrier()
+    qat = qat_settings(cfg.get("qat"))  # quantization-aware training: fake-quantized linears (docs/qat.md)
     checkpointer = instantiate(cfg.checkpointer)
     model = build_sharded_model(partial(instantiate, cfg.model), checkpointer, run, trainable="all",
                                 activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
                                 tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"),
-                                fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False))
+                                fp32_reduce=cfg.get("fp32_reduce", False), cpu_offload=cfg.get("cpu_offload", False),
+                                qat=qat)
     identity = run_identity_checked(RECIPE, model, run)
     log_model(model, run)
 
@@ -79,6 +82,7 @@ def main(cfg: DictConfig) -> None:
     train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
                                 max_grad_norm=cfg.get("clip_grad_norm"),
                                 offload_activations=cfg.get("enable_activation_offloading", False))
+    train_step = with_fake_quant_schedule(train_step, model, qat, start_step=step)  # qat.fake_quant_after_n_steps
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
                      validate=sft_validation(model, val_loader, loss_fn, run),

@@ -17,6 +17,7 @@ from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.checkpointing import cpu_state_dict
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.optim import OptimizerInBackward
+from torchft.training.qat import qat_settings, with_fake_quant_schedule
 from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
@@ -39,12 +40,13 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: model
     if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
         instantiate(cfg.base_model)
+    qat = qat_settings(cfg.get("qat"))  # quantization-aware training: fake-quantized linears (docs/qat.md)
     checkpointer = instantiate(cfg.checkpointer)
 
     # a resumed run continues from the weights of its step folder, the others from the input model
     model = build_model(partial(instantiate, cfg.model), checkpointer, run, trainable="all",
                         activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
-                        tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"))
+                        tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"), qat=qat)
     log_model(model, run)
 
     # ------------------------------------------------------------------ setup: data
@@ -87,6 +89,7 @@ def main(cfg: DictConfig) -> None:
     train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
                                 max_grad_norm=cfg.get("clip_grad_norm"),
                                 offload_activations=cfg.get("enable_activation_offloading", False))
+    train_step = with_fake_quant_schedule(train_step, model, qat, start_step=step)  # qat.fake_quant_after_n_steps
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
                      validate=sft_validation(model, val_loader, loss_fn, run),

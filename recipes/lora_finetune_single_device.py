@@ -20,6 +20,7 @@ from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.checkpointing import adapter_state_dict_cpu
 from torchft.training.distillation import TeacherDistillation, check_same_vocab
 from torchft.training.estimate import warn_if_over_memory
+from torchft.training.qat import qat_settings, with_fake_quant_schedule
 from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.state import restore_training_state, training_state
@@ -43,12 +44,13 @@ def main(cfg: DictConfig) -> None:
         instantiate(cfg.base_model)
     if cfg.get("teacher_base_model") is not None:  # the distillation quickstart's tiny teacher, likewise
         instantiate(cfg.teacher_base_model)
+    qat = qat_settings(cfg.get("qat"))  # quantization-aware training: fake-quantized linears (docs/qat.md)
     checkpointer = instantiate(cfg.checkpointer)
 
     # a lora_* / qlora_* builder: LoRA layers where the config asks; a resumed run's adapters, else fresh ones
     model = build_model(partial(instantiate, cfg.model), checkpointer, run, trainable="adapters",
                         activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
-                        tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"))
+                        tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"), qat=qat)
     log_model(model, run)
     teacher = None  # knowledge distillation: a frozen teacher (eval mode, no grad) sharing the tokenizer
     if cfg.get("teacher_model") is not None:
@@ -96,6 +98,7 @@ def main(cfg: DictConfig) -> None:
     train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
                                 max_grad_norm=cfg.get("clip_grad_norm"),
                                 offload_activations=cfg.get("enable_activation_offloading", False))
+    train_step = with_fake_quant_schedule(train_step, model, qat, start_step=step)  # qat.fake_quant_after_n_steps
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
                      validate=sft_validation(model, val_loader, val_loss_fn, run),

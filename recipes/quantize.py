@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     bytes_before = stored_bytes(model)
 
     # 2. Quantize in place.
-    quantize_model(model, cfg.scheme, group_size=cfg.group_size)
+    quantize_model(model, cfg.scheme, group_size=cfg.group_size, include_lm_head=cfg.get("quantize_lm_head", True))
     ppl_after = perplexity(model, tokens, window=cfg.perplexity_window) if tokens else None
     bytes_after = stored_bytes(model)
 

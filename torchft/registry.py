@@ -37,6 +37,7 @@ class Recipe:
 
     ``config_keys``: the top-level keys the recipe reads; when empty, the union of the top-level keys of
     its shipped configs is used (so a key every shipped config lacks is reported as unknown).
+    ``optional_keys``: keys the recipe also reads, which no shipped config needs to carry (``qat``).
     ``runtime_args``: ``{config key: (argument, ...)}`` the script passes itself when instantiating
     that node, on top of ``torchft.config.RUNTIME_ARGS``; ``tune validate`` then does not ask for them.
     """
@@ -46,6 +47,7 @@ class Recipe:
     supports_distributed: bool
     configs: tuple[Config, ...] = ()
     config_keys: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()  # read when present, though a shipped config may leave them out
     runtime_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
@@ -65,6 +67,7 @@ RECIPES: list[Recipe] = [
     Recipe(
         name="full_finetune_single_device",
         file_path="full_finetune_single_device.py",
+        optional_keys=("qat",),  # quantization-aware training (torchft.training.qat)
         supports_distributed=False,
         configs=_configs(
             "quickstart/full_single_device",
@@ -78,6 +81,7 @@ RECIPES: list[Recipe] = [
     Recipe(
         name="lora_finetune_single_device",
         file_path="lora_finetune_single_device.py",
+        optional_keys=("qat",),  # quantization-aware training (torchft.training.qat)
         supports_distributed=False,
         configs=_configs(
             "quickstart/lora_single_device",
@@ -92,11 +96,15 @@ RECIPES: list[Recipe] = [
             "llama3_2/1B_qlora_single_device",
             "llama3_2/3B_lora_single_device",
             "llama3_2/3B_qlora_single_device",
+            "quickstart/qat_lora_single_device",  # quantization-aware training: the configs' qat: section
+            "llama3_1/8B_qat_lora_single_device",
+            "llama3_2/1B_qat_lora_single_device",
         ),
     ),
     Recipe(
         name="full_finetune_distributed",
         file_path="full_finetune_distributed.py",
+        optional_keys=("qat",),  # quantization-aware training (torchft.training.qat)
         supports_distributed=True,
         configs=_configs(
             "quickstart/full_distributed",
@@ -109,11 +117,14 @@ RECIPES: list[Recipe] = [
             "llama3_1/70B_full",
             "llama3_2/1B_full",
             "llama3_2/3B_full",
+            "llama3_1/8B_qat_full",  # quantization-aware training: the configs' qat: section
+            "llama3_2/1B_qat_full",
         ),
     ),
     Recipe(
         name="lora_finetune_distributed",
         file_path="lora_finetune_distributed.py",
+        optional_keys=("qat",),  # quantization-aware training (torchft.training.qat)
         supports_distributed=True,
         configs=_configs(
             "quickstart/lora_distributed",
@@ -237,8 +248,8 @@ def recipe_for_script(path: str | Path) -> Recipe | None:
 def accepted_keys(recipe: Recipe) -> frozenset[str]:
     """Top-level config keys the recipe reads: declared ones, else the union over its shipped configs."""
     if recipe.config_keys:
-        return frozenset(recipe.config_keys)
-    return _shipped_keys(tuple(str(config.path) for config in recipe.configs))
+        return frozenset(recipe.config_keys) | frozenset(recipe.optional_keys)
+    return _shipped_keys(tuple(str(config.path) for config in recipe.configs)) | frozenset(recipe.optional_keys)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ from torchft.training.estimate import (CUBLAS_WORKSPACE_BYTES, GIB, _plan, estim
                                        with_cublas_workspaces)
 from torchft.training.estimate_tracking import MemoryTracker, offloaded_to_host
 from torchft.training.optim import OptimizerInBackward, build_adamw, clip_grad_norm
+from torchft.training.qat import QATSettings, apply_qat
 from torchft.training.setup import default_dtype
 from torchft.training.steps import forward_backward
 
@@ -35,13 +36,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def build(device, dims, *, adapters=True, qlora=False, dtype=torch.bfloat16):
+def build(device, dims, *, adapters=True, qlora=False, dtype=torch.bfloat16, qat=None):
     torch.manual_seed(0)
     lora = dict(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=8) if adapters else {}
     with torch.device(device), default_dtype(dtype):
         model = llama(**dims, max_seq_len=4096, quantize_base=qlora, **lora)
     if adapters:
         set_trainable_params(model, get_adapter_params(model))
+    if qat is not None:  # fake-quantized linears, as the recipes prepare them
+        apply_qat(model, QATSettings(qat, group_size=32))
     return model
 
 
@@ -131,6 +134,17 @@ def test_meta_estimate_within_10_percent_of_the_allocators_peak(case, checkpoint
         assert predicted.breakdown["quantized_base"] > 0
     if case.get("adapters", True):
         assert predicted.breakdown["adapters"] > 0 and predicted.breakdown["weights"] > 0
+
+
+@pytest.mark.parametrize("case", [dict(qat="8da4w"), dict(qat="4w", adapters=False, dtype=torch.float32)],
+                         ids=["8da4w_lora", "4w_full"])
+def test_qat_estimate_within_10_percent_of_the_allocators_peak(case):
+    """QAT's fake-quantized weight and input copies are in the estimate (more than without QAT) and it
+    stays within 10% of the allocator's peak."""
+    predicted = peak("meta", TINY, **case)
+    assert_within_10_percent_above_the_weights(predicted, TINY, **case)
+    without = peak("meta", TINY, **{k: v for k, v in case.items() if k != "qat"})
+    assert predicted.breakdown["saved_activations"] > without.breakdown["saved_activations"]
 
 
 def test_optimizer_in_backward_never_holds_all_gradients():
@@ -306,6 +320,12 @@ def test_estimate_reads_the_config(tiny_config):
 
 
 SHORT = ["tokenizer.max_seq_len=128"]  # the config-level checks need no long sequences
+
+
+def test_estimate_reads_the_qat_section(tiny_config):
+    plain = estimate_memory(tiny_config, SHORT)
+    qat = estimate_memory(tiny_config, SHORT + ["+qat.scheme=8da4w", "+qat.group_size=32"])
+    assert qat.breakdown["saved_activations"] > plain.breakdown["saved_activations"]
 
 
 def test_distributed_estimate_runs_each_rank_on_its_share_of_the_global_batch(tiny_config):

@@ -73,11 +73,12 @@ def check_scheme(scheme: str, device: torch.device | str) -> None:
         )
 
 
-def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128, include_lm_head: bool = True) -> nn.Module:
     """Quantize every ``nn.Linear`` of ``model`` in place with ``scheme`` (see the table above).
 
     ``group_size`` applies to the int4 schemes and must divide the input size of every linear.
-    Embeddings and norms stay as they are. Returns the model.
+    Embeddings and norms stay as they are; ``include_lm_head=False`` leaves ``lm_head`` too (as QAT
+    does by default). Returns the model.
     """
     from torchao.quantization import quantize_
 
@@ -94,7 +95,9 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128) -> n
                 )
     if scheme == "int4_weight_only" and next(model.parameters()).dtype != torch.bfloat16:
         raise ValueError("quantization scheme 'int4_weight_only' needs dtype=bf16 (the tinygemm kernel's input type)")
-    quantize_(model, _torchao_config(scheme, group_size))
+    keep = None if include_lm_head else getattr(model, "lm_head", None)
+    quantize_(model, _torchao_config(scheme, group_size),
+              filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and module is not keep)
     return model
 
 

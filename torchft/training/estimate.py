@@ -275,6 +275,14 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
     local_batch = per_rank_batch_size(int(cfg.batch_size), nproc_per_node)
     dtype = resolve_dtype(cfg.get("dtype", "bf16"), "cpu")
     model = _build_meta_model(cfg.model, dtype)
+    if cfg.get("qat") is not None:
+        # QAT (docs/qat.md), fake quantization on: its memory is what the meta step then runs. The rule:
+        # per fake-quantized linear, backward keeps the fake-quantized weight [out, in] (for LoRA the
+        # merged one) and, for 8da4w, the fake-quantized input [b, s, in] beside the plain one; the
+        # quantize-dequantize temporaries live within the layer's forward.
+        from torchft.training.qat import apply_qat, qat_settings
+
+        apply_qat(model, qat_settings(cfg.qat))
 
     if cfg.get("optimizer_in_backward", False):
         opt_kwargs = {k: v for k, v in cfg.optimizer.items() if k != "_component_"}

@@ -113,7 +113,7 @@ def log_model(model: nn.Module, run: Run) -> None:
 
 def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                 trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
-                compile: bool = False, tiled_mlp_tokens: int | None = None) -> nn.Module:
+                compile: bool = False, tiled_mlp_tokens: int | None = None, qat=None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
     load it on ``run.device`` one layer at a time, then apply the tiled MLP, activation checkpointing
     and compile (see :func:`apply_activation_settings`).
@@ -121,6 +121,7 @@ def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
     ``trainable``: ``all`` (full fine-tuning; a resumed run continues from its step folder's weights),
     ``adapters`` (LoRA/DoRA/QLoRA on ``checkpointer``'s base weights; a resumed run's adapters, else
     fresh ones) or ``none`` (a frozen reference or teacher model, from ``checkpointer``'s weights).
+    ``qat`` (:class:`~torchft.training.qat.QATSettings`) fake-quantizes the linears after the load.
     """
     from torchft.training.setup import check_same_architecture, default_dtype, load_adapter_model, load_full_model
 
@@ -136,17 +137,22 @@ def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
         load_full_model(model, checkpointer.load_model_state_dict(weights_from), run.device, run.dtype)
         if trainable == "none":
             model.requires_grad_(False)
-    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile)
+    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile, qat=qat)
     return model
 
 
 def apply_activation_settings(model: nn.Module, tiled_mlp_tokens: int | None, activation_checkpointing: bool,
-                              compile: bool) -> None:
-    """The config's ``tiled_mlp_tokens`` (the MLP in sequence tiles of that many tokens; None: whole),
-    ``enable_activation_checkpointing`` and ``compile``, in that order, on one device as on many."""
+                              compile: bool, qat=None) -> None:
+    """The config's ``qat`` (fake-quantized linears), ``tiled_mlp_tokens`` (the MLP in sequence tiles of
+    that many tokens; None: whole), ``enable_activation_checkpointing`` and ``compile``, in that order,
+    on one device as on many."""
     from torchft.training.activations import apply_activation_checkpointing, apply_tiled_mlp
     from torchft.training.compile import compile_layers
 
+    if qat is not None:
+        from torchft.training.qat import apply_qat
+
+        apply_qat(model, qat)
     if tiled_mlp_tokens is not None:
         apply_tiled_mlp(model, int(tiled_mlp_tokens))
     if activation_checkpointing:
@@ -158,13 +164,14 @@ def apply_activation_settings(model: nn.Module, tiled_mlp_tokens: int | None, ac
 def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                         trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
                         compile: bool = False, fp32_reduce: bool = False, cpu_offload: bool = False,
-                        tiled_mlp_tokens: int | None = None) -> nn.Module:
+                        tiled_mlp_tokens: int | None = None, qat=None) -> nn.Module:
     """Build a model on ``meta`` with ``build()`` (in ``run.dtype``), check it against the checkpoint,
     apply the tiled MLP, activation checkpointing, compile and FSDP2 (in that order), stream in this rank's rows of
     ``checkpointer``'s weights and leave ``trainable`` parameters trainable: ``all`` (full fine-tuning),
     ``adapters`` (LoRA/DoRA/QLoRA, fresh adapters the same on every rank) or ``none`` (a frozen
     reference or teacher model). ``fp32_reduce`` reduces gradients in fp32; ``cpu_offload`` keeps
-    the shards, gradients and optimizer state in CPU memory.
+    the shards, gradients and optimizer state in CPU memory. ``qat`` (:class:`~torchft.training.qat.QATSettings`)
+    fake-quantizes the linears before all of these.
     """
     from torchft.modules.peft import get_adapter_params, set_trainable_params
     from torchft.training.distributed import (check_cpu_offload, check_loaded, check_nf4_shardable,
@@ -177,7 +184,7 @@ def build_sharded_model(build: Callable[[], nn.Module], checkpointer, run: Run, 
         model = build()
     check_same_architecture(model.args, checkpointer.model_args, checkpointer.checkpoint_dir)
     check_nf4_shardable(model, env.shard_count)
-    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile)
+    apply_activation_settings(model, tiled_mlp_tokens, activation_checkpointing, compile, qat=qat)
     # Weights are stored in ``dtype`` and computed in it; gradients optionally reduced in fp32.
     shard_model(model, env.mesh, reduce_dtype=torch.float32 if fp32_reduce else None, cpu_offload=cpu_offload)
     load_sharded_weights(model, checkpointer.load_model_state_dict(), env.device, run.dtype,

@@ -91,6 +91,10 @@ class FrozenLinear(nn.Module):
             weight, scale = _int8.quantize(weight)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if use_bias else None
+        # Quantization-aware training attaches fake quantizers here (see torchft.training.qat): callables
+        # [..., in] -> [..., in] and [out, in] -> [out, in] with an ``enabled`` flag; None: a plain layer.
+        self.input_fake_quantizer = None
+        self.weight_fake_quantizer = None
         # Derived from the weight, so not in the state dict; counted by ``weight_bytes``.
         self.register_buffer("weight_scale", scale, persistent=False)
         self.register_state_dict_post_hook(_dequantize_in_state_dict)
@@ -183,7 +187,20 @@ class FrozenLinear(nn.Module):
             return _int8.dequantize(self.weight, self.weight_scale)
         return _nf4.dequantize(self.weight)
 
+    def fake_quantizing(self) -> bool:
+        """Whether quantization-aware training's fake quantizers are attached and enabled."""
+        return self.weight_fake_quantizer is not None and self.weight_fake_quantizer.enabled
+
+    def fake_quantized_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """[..., in_dim] -> [..., out_dim] through fake-quantized ``x`` and ``weight`` [out_dim, in_dim]:
+        the numerics of the quantized layer this one becomes."""
+        if self.input_fake_quantizer is not None:
+            x = self.input_fake_quantizer(x)
+        return F.linear(x, self.weight_fake_quantizer(weight), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fake_quantizing():
+            return self.fake_quantized_forward(x, self.weight)
         return self.base_forward(x)
 
     def extra_repr(self) -> str:

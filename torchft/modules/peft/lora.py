@@ -117,6 +117,11 @@ class LoRALinear(FrozenLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_dim] -> [..., out_dim]"""
+        if self.fake_quantizing():  # QAT: the merged weight, as the quantized model will hold it
+            weight = self.weight  # [out, in]
+            if not self.disabled:
+                weight = weight + self.scaling * (self.lora_b.weight @ self.lora_a.weight)  # [out, r] @ [r, in]
+            return self.fake_quantized_forward(x, weight)
         out = self.base_forward(x)
         if self.disabled:
             return out
