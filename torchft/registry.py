@@ -92,6 +92,7 @@ RECIPES: list[Recipe] = [
             "llama3_2/1B_qlora_single_device",
             "llama3_2/3B_lora_single_device",
             "llama3_2/3B_qlora_single_device",
+            "smollm2/135M_lora_single_device",
         ),
     ),
     Recipe(
