@@ -1,4 +1,6 @@
 """Every shipped config of the fine-tuning recipes validates and builds its model (on meta, no memory)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,6 +58,8 @@ def test_smollm2_config_builds_the_135m_model_from_its_config_json(tmp_path):
     assert base == 134_515_008  # SmolLM2-135M's size (tied embeddings counted once)
     assert (model.args.num_layers, model.args.num_kv_heads, model.args.rope_base) == (30, 3, 100000)
     assert cfg.device == "cpu" and cfg.tokenizer.max_seq_len == 512
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"SmolLM2-135M-Instruct ({base / 1e6:.1f}M parameters" in readme
 
 
 ADAPTER_CONFIGS = [(r, c) for r, c in registry.all_configs() if r.name.startswith("lora_finetune")]
