@@ -94,3 +94,21 @@ def test_packed_quickstart_dataset_figures():
     packed = quickstart_dataset(quickstart_tokenizer(), max_seq_len=256, packed=True)
     assert 380 <= len(packed) <= 420 and 0.93 <= packed.stats["pack_fill"] <= 0.97  # "~400 packs, ~95% full"
     assert "4000 samples in ~400 packs, ~95% full" in _page("docs/data.md")
+
+
+def test_distributed_sharded_bytes_table_and_8b_full_finetuning_bytes():
+    from torchft.models.llama3_1 import llama3_1_8b, llama3_1_70b
+    from torchft.models.llama3_2 import llama3_2_1b
+
+    rows = {"Llama 3.2 1B, 2 GPUs": (llama3_2_1b, 2), "Llama 3.1 8B, 8 GPUs": (llama3_1_8b, 8),
+            "Llama 3.1 70B, 8 GPUs": (llama3_1_70b, 8)}
+    text = _page("docs/distributed.md")
+    for row, (builder, gpus) in rows.items():
+        _, params = _adapter_and_all(builder)
+        n = sum(p.numel() for _, p in params)
+        cells = re.search(rf"^\| {re.escape(row)} \| ([\d.]+) GB.*?\| ([\d.]+) GB \| ([\d.]+) GB \|$", text, re.M)
+        assert cells, row
+        # full: 8 bytes/param; LoRA: the bf16 base, 2; QLoRA: about 0.52 (NF4, see the test above)
+        assert [float(c) for c in cells.groups()] == [round(n * b / gpus / 1e9, 1) for b in (8, 2, 0.52)], row
+        if builder is llama3_1_8b:
+            assert f"an 8B model: {n * 8 / 1e9:.0f} GB before activations" in " ".join(_page("docs/finetuning.md").split())
