@@ -21,6 +21,7 @@ from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
 from torchft.training.qat import qat_settings, with_fake_quant_schedule
+from torchft.training.samples import print_samples
 from torchft.training.setup import check_tokenizer_fits, start_writing
 from torchft.training.throughput import model_flops_per_token
 from torchft.training.wiring import (LOOP_KEYS, build_loaders, build_sharded_model, check_offload_memory, log_model,
@@ -78,6 +79,11 @@ def main(cfg: DictConfig) -> None:
     save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
                         adapters_only=False, global_batch_size=cfg.batch_size)
 
+    prompts = list(cfg.get("sample_prompts") or [])  # every rank generates (FSDP2), the main process prints
+    if prompts:
+        print_samples("samples before fine-tuning:", model, tokenizer, prompts, cfg.sample_max_new_tokens,
+                      show=run.is_main_process)
+
     # ------------------------------------------------------------------ loop
     train_step = sft_train_step(model, loss_fn, optimizer, lr_scheduler, run,
                                 max_grad_norm=cfg.get("clip_grad_norm"),
@@ -94,6 +100,11 @@ def main(cfg: DictConfig) -> None:
                   resumed_step=None if run.resumed is None else step, log=log, is_main_process=run.is_main_process)
     warn_if_over_memory(cfg, run.device)  # one line on CUDA when the estimated peak exceeds free memory
     train(loop, model, loader, train_step, optimizer, metric_logger)  # a stop: saves, exits
+
+    # ------------------------------------------------------------------ after training
+    if prompts:
+        print_samples("samples after fine-tuning:", model, tokenizer, prompts, cfg.sample_max_new_tokens,
+                      show=run.is_main_process)
     dist.destroy_process_group()
 
 

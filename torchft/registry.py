@@ -99,6 +99,7 @@ RECIPES: list[Recipe] = [
             "quickstart/qat_lora_single_device",  # quantization-aware training: the configs' qat: section
             "llama3_1/8B_qat_lora_single_device",
             "llama3_2/1B_qat_lora_single_device",
+            "smollm2/135M_lora_single_device",
         ),
     ),
     Recipe(

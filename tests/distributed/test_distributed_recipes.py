@@ -51,8 +51,9 @@ def lora_runs(tmp_path_factory, base, data):
     names = ("dist", "single", "resume2", "resume_epoch_end", "resume1")
     runs = {name: root / name for name in names}
     six_steps = ["max_steps=6", "checkpointer.keep_last_n=null"]
-    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                   tiny_overrides(runs["dist"], base, *data, six_steps)))
+    first = _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                           tiny_overrides(runs["dist"], base, *data, six_steps)))
+    (runs["dist"] / "stdout.log").write_text(first.stdout)
     lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides(
         [*six_steps, f"validation_dataset.data_files={data[1]}"])))
     resumes = (("resume2", ("step_2", "step_4", "step_6"), "step_2", 2,  # keeps 2 of its saves 3, 4, 5, 6
@@ -76,6 +77,14 @@ def lora_runs(tmp_path_factory, base, data):
 def _max_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_the_distributed_quickstart_prints_samples_once_before_and_after(lora_runs):
+    stdout = (lora_runs["dist"].parent / "stdout.log").read_text()
+    for title in ("samples before fine-tuning:", "samples after fine-tuning:"):
+        assert stdout.count(title) == 1, stdout[-2000:]  # the main process prints, the other rank only generates
+    after = stdout.split("samples after fine-tuning:")[1]
+    assert "'Write the word in capital letters. river' -> " in after
 
 
 def test_lora_on_2_ranks_matches_one_device_with_the_global_batch(lora_runs):
@@ -182,9 +191,11 @@ def test_full_finetune_on_2_ranks_matches_one_device(tmp_path, base, data):
     dist, single = tmp_path / "dist", tmp_path / "single"
     # activation checkpointing recomputes each layer inside FSDP's gathered unit, and fp32 reduction of fp32
     # gradients changes nothing either: the same numbers
-    _run_ok(launch("full_finetune_distributed", "quickstart/full_distributed",
-                   tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true",
-                                                      "fp32_reduce=true"])))
+    result = _run_ok(launch("full_finetune_distributed", "quickstart/full_distributed",
+                            tiny_overrides(dist, base, *data, ["optimizer.lr=1e-3", "enable_activation_checkpointing=true",
+                                                               "fp32_reduce=true"])))
+    for title in ("samples before fine-tuning:", "samples after fine-tuning:"):
+        assert result.stdout.count(title) == 1  # generated on both ranks, printed by the main process
     full_finetune_single_device.main(tiny_config("full", single, base, single_device_overrides(["optimizer.lr=1e-3"])))
     losses, reference = train_losses(dist / "out"), train_losses(single / "out")
     assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5

@@ -1,4 +1,6 @@
 """Every shipped config of the fine-tuning recipes validates and builds its model (on meta, no memory)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def test_config_validates(recipe, config, tmp_path):
 
 
 # QLoRA builds quantize on meta and take seconds each: the 1B one stands for the others
-BUILT = [(r, c) for r, c in CONFIGS if not c.name.startswith("quickstart") and
+BUILT = [(r, c) for r, c in CONFIGS if not c.name.startswith(("quickstart", "smollm2")) and
          ("qlora" not in c.name or c.name == "llama3_2/1B_qlora_single_device")]
 
 
@@ -35,6 +37,29 @@ def test_config_model_builds_on_meta(recipe, config):
     layers = {"1B": 16, "3B": 28, "7B": 32, "8B": 32}[size]
     assert model.args.num_layers == layers
     assert model.args.vocab_size == (32000 if family == "llama2" else 128256)
+
+
+# HuggingFaceTB/SmolLM2-135M-Instruct's config.json (public), the fields a Llama build reads
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000,
+                "tie_word_embeddings": True, "hidden_act": "silu"}
+
+
+def test_smollm2_config_builds_the_135m_model_from_its_config_json(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    cfg = load_config("smollm2/135M_lora_single_device", [f"checkpointer.checkpoint_dir={tmp_path}"])
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    names = dict(model.named_parameters())
+    base = sum(p.numel() for n, p in names.items() if ".lora_" not in n)
+    assert base == 134_515_008  # SmolLM2-135M's size (tied embeddings counted once)
+    assert (model.args.num_layers, model.args.num_kv_heads, model.args.rope_base) == (30, 3, 100000)
+    assert cfg.device == "cpu" and cfg.tokenizer.max_seq_len == 512
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"SmolLM2-135M-Instruct ({base / 1e6:.1f}M parameters" in readme
 
 
 ADAPTER_CONFIGS = [(r, c) for r, c in registry.all_configs() if r.name.startswith("lora_finetune")]

@@ -34,6 +34,13 @@ def format_samples(title: str, prompts: Sequence[str], completions: Sequence[str
     return "\n".join(lines)
 
 
-def print_samples(title: str, model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> None:
-    """Print ``title`` and the model's greedy completion of each prompt."""
-    print(format_samples(title, prompts, generate_samples(model, tokenizer, prompts, max_new_tokens)))
+def print_samples(title: str, model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+                  show: bool = True) -> None:
+    """Print ``title`` and the model's greedy completion of each prompt (only where ``show``).
+
+    A sharded (FSDP2) model generates on every rank, since each forward gathers a layer's weights from all
+    ranks; the ranks compute the same tokens, and only the main process passes ``show=True``.
+    """
+    completions = generate_samples(model, tokenizer, prompts, max_new_tokens)
+    if show:
+        print(format_samples(title, prompts, completions))
