@@ -54,6 +54,11 @@ ALLOWED = {
     "tune export --checkpoint_dir /tmp/torchft-quickstart/lora/step_500 --format gguf --dtype q8_0 "
     "--output /tmp/quickstart-q8_0.gguf":
         "reads the quickstart's output; the quickstart test exports that folder to GGUF and loads it in transformers",
+    "tune export --checkpoint_dir /tmp/torchft-quickstart/lora/step_500 --adapter-only "
+    "--output /tmp/quickstart-lora.gguf":
+        "reads the quickstart's output; the quickstart test runs this --adapter-only export on its step folder",
+    "tune estimate --config llama3_1/8B_lora_long_context --nproc-per-node 8 --gpu-memory 80GB":
+        "an 8B estimate at 65,536 tokens; tests/recipes/test_long_context.py runs it and checks the table's figures",
     "tune validate --for vllm /tmp/torchft-quickstart/lora/step_500":
         "reads the quickstart's output; tests/checkpoint/test_vllm_check.py runs the check on step folders",
 }
