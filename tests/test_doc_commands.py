@@ -153,6 +153,19 @@ def _tune(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 1
 
 
+# The documented runs write to the configs' output_dir (e.g. /tmp/torchft-quickstart/lora); validating
+# them against a fresh folder keeps this test independent of runs made earlier on the same machine.
+# A command's own output_dir=... comes later and still wins.
+def _fresh_output_dir(config: str) -> list[str]:
+    from torchft.config import load_config
+
+    try:
+        has_output_dir = "output_dir" in load_config(config, [])
+    except (Exception, SystemExit):
+        return []  # a missing or broken config: validate reports it on its own
+    return ["output_dir=fresh_output_dir"] if has_output_dir else []
+
+
 def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
     """None when the command is checked, else why it is not."""
     if command in ALLOWED or (tagged and not re.match(r"tune run .*--config \S+( \S+=\S+)*$", command)):
@@ -175,7 +188,8 @@ def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
             return "a tune run this test cannot validate: tag it or list it"
         at = words.index("--config")
         recipe, config, overrides = words[2], words[at + 1], words[at + 2:]
-        argv = ["validate", config, *overrides, *SHORTENED.get(command, []), "--recipe", recipe, "--skip-checkpoint"]
+        argv = ["validate", config, *_fresh_output_dir(config), *overrides, *SHORTENED.get(command, []), "--recipe", recipe,
+                "--skip-checkpoint"]
     elif words[1] == "estimate":
         rest, config = [], None
         words_left = iter(words[2:])
@@ -189,7 +203,9 @@ def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
                 rest.append(word)
         if config is None:
             return "a tune estimate without --config"
-        argv = ["validate", config, *rest, "--skip-checkpoint"]
+        argv = ["validate", config, *_fresh_output_dir(config), *rest, "--skip-checkpoint"]
+    elif words[1] == "validate" and len(words) > 2 and not words[2].startswith("-"):
+        argv = ["validate", words[2], *_fresh_output_dir(words[2]), *words[3:]]
     elif words[1] in ("ls", "cat", "cp", "validate", "run"):
         argv = words[1:]
     else:
