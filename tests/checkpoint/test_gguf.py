@@ -9,6 +9,7 @@ from tests.data.conftest import corpus, llama3_ranks_path, sp_model_path  # noqa
 from tests.models._hf_reference import tiny_hf_llama
 from torchft.checkpoint._io import copy_support_files
 from torchft.checkpoint.hf import load_hf_args
+from torchft.checkpoint.gguf import LOGIT_TOLERANCE as BOUNDS
 from torchft.checkpoint.gguf import export_gguf, llama3_rope_factors
 from torchft.cli import main as cli_main
 from torchft.data import llama2_tokenizer, llama3_tokenizer
@@ -16,8 +17,6 @@ from torchft.data.tokenizers.hf_files import LLAMA2_CHAT_TEMPLATE
 
 gguf = pytest.importorskip("gguf")
 
-# Largest |logit difference| allowed, relative to the largest |logit| (f16/bf16: rounding; q8_0: 8-bit blocks).
-BOUNDS = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
 TEXTS = corpus(20, seed=4) + ["a   b\t\tc\n\n d ", "héllo 日本 🦙", "12345 and 3.14", "It's I'm"]
 
 
