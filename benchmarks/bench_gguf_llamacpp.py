@@ -3,9 +3,12 @@
 Two models with the quickstart tokenizer: ``random`` (the quickstart base's random init, no
 pretraining: flat predictions, so near-ties are common) and ``quickstart`` (the quickstart base,
 pretrained, then LoRA fine-tuned by the quickstart recipe; its merged step folder). Each is exported at
-f16, bf16 and q8_0 and loaded by llama.cpp (llama-cpp-python). For every prompt (plain text with
-unicode, whitespace runs and digits, and chat prompts through the GGUF's own chat template and through
-llama.cpp's built-in one):
+f16, bf16 and q8_0 and loaded by llama.cpp (llama-cpp-python). Three more random models, at f16, exercise
+what the quickstart does not: Llama 3.1 rope scaling (``rope_freqs.weight``, with an original context of
+64 positions so that the scaled frequencies turn within the prompts), tied embeddings (no
+``output.weight``) and a Llama 2 sentencepiece tokenizer (``tokenizer.ggml.model = llama``). For every
+prompt (plain text with unicode, whitespace runs and digits, and chat prompts through the GGUF's own chat
+template and through llama.cpp's built-in one):
 
 * ``ids``: llama.cpp's tokenization equals torchft's tokenizer (``Llama.tokenize``; chat prompts
   rendered by the template, control tokens parsed);
@@ -18,7 +21,8 @@ llama.cpp's built-in one):
 
 A divergence is explained when, at the first differing step, torchft's own margin between its token
 and llama.cpp's is at most twice the tolerance (each of the two logits may move by it): a near-tie that
-the dtype's rounding can flip. ``near-ties`` counts the steps whose top-2 margin is that small.
+the dtype's rounding can flip; the table gives that margin. ``near-ties`` counts the steps whose top-2
+margin is that small. Differences and margins are relative to the largest |logit| of the 32 steps.
 The adapter path: the quickstart's LoRA as ``tune export --adapter-only`` applied by llama.cpp on the
 base's f16 GGUF (``Llama(model_path=base, lora_path=adapter)``) must give the merged f16 GGUF's greedy
 tokens. The exit status is 1 when a tokenization differs, a logit difference exceeds the tolerance, a
@@ -52,6 +56,13 @@ TEXTS = {
 }
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Add the two numbers.\n\n3 + 4"}]
+# Random models for the export's other paths (f16 only), as LlamaArgs overrides of the quickstart's shape.
+VARIANTS = {
+    "llama3.1 rope scaling": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "tied embeddings": dict(tie_word_embeddings=True),
+    "llama2 sentencepiece": dict(rope_base=10000.0),  # with a sentencepiece tokenizer.model
+}
 # The quickstart (recipes/configs/quickstart/lora_single_device.yaml) at two lengths.
 TINY = dict(pretrain_steps=100, lora_steps=60)
 FULL = dict(pretrain_steps=400, lora_steps=500)
@@ -69,6 +80,7 @@ class Row:
     first_step_diff: float  # max |logit difference| at the first step, relative to the largest |logit|
     max_diff: float  # the same over all NEW_TOKENS steps
     sampler_is_argmax: bool  # llama.cpp's sampled token is the arg-max of its own logits at every step
+    margin: float | None  # at the first differing step: torchft's logit of its token minus of llama.cpp's (relative)
     same_as_merged: int | None = None  # adapter rows: greedy tokens shared with the merged GGUF
     problems: list[str] = field(default_factory=list)
 
@@ -84,10 +96,48 @@ def make_models(work: Path, pretrain_steps: int, lora_steps: int) -> dict[str, P
         f"output_dir={work / 'lora'}", f"base_model.path={work / 'base'}",
         f"base_model.pretrain_steps={pretrain_steps}", f"max_steps={lora_steps}",
         f"save_every_n_steps={lora_steps}", f"eval_every_n_steps={lora_steps}", "progress_bar=false",
-        "sample_prompts=null",
+        "sample_prompts=null", "overwrite_output_dir=true",  # a rerun in the same --workdir starts afresh
     ])
     lora_finetune_single_device.main(cfg)  # makes the base first (the config's base_model node)
     return {"random": random_init, "base": work / "base", "quickstart": work / "lora" / f"step_{lora_steps}"}
+
+
+def sentencepiece_model(path: Path) -> Path:
+    """A small Llama-2-style sentencepiece model (BPE, byte fallback, digits split) on quickstart-like text."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    from torchft.training.quickstart import pretraining_text
+
+    rng = random.Random(0)
+    lines = [pretraining_text(rng) for _ in range(500)] + ["[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\n[/INST]"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=384,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def random_variant(folder: Path, tokenizer_file: Path, **overrides) -> Path:
+    """A random model of the quickstart's shape (2 layers) with ``overrides``, saved as a step folder."""
+    import shutil
+
+    from torchft.checkpoint import save_hf_checkpoint
+    from torchft.data.tokenizers import model_tokenizer
+    from torchft.models import LlamaArgs, build_from_args
+
+    vocab_size = model_tokenizer(str(tokenizer_file)).vocab_size
+    args = LlamaArgs(**{**dict(vocab_size=vocab_size, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128,
+                               intermediate_dim=384, max_seq_len=512, rope_base=500000.0), **overrides})
+    torch.manual_seed(0)
+    model = build_from_args(args)  # the modules' own random init
+    save_hf_checkpoint(model.state_dict(), folder, config=args.to_hf_config(torch.float32))
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
+    return folder
 
 
 def prompts(tokenizer) -> dict[str, tuple[list[int], object]]:
@@ -143,9 +193,11 @@ def compare(model: str, dtype: str, prompt: str, ids_equal: bool, ref_tokens: li
     top2 = np.sort(ref_logits, axis=-1)[:, -2:]
     bound = 2 * tolerance * scale  # both logits of a pair may move by tolerance * scale
     same = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), NEW_TOKENS)
-    explained = same == NEW_TOKENS or ref_logits[same].max() - ref_logits[same, tokens[same]] <= bound
+    margin = None if same == NEW_TOKENS else float(ref_logits[same].max() - ref_logits[same, tokens[same]])
+    explained = margin is None or margin <= bound
     row = Row(model, dtype, prompt, ids_equal, same, explained, int(((top2[:, 1] - top2[:, 0]) <= bound).sum()),
-              float(diff[0]), float(diff.max()), bool((logits.argmax(-1) == np.array(tokens)).all()))
+              float(diff[0]), float(diff.max()), bool((logits.argmax(-1) == np.array(tokens)).all()),
+              None if margin is None else margin / scale)
     if not ids_equal:
         row.problems.append("llama.cpp tokenizes the prompt differently")
     if row.max_diff > tolerance:
@@ -192,23 +244,27 @@ def measure(work: Path, pretrain_steps: int, lora_steps: int) -> list[Row]:
     from torchft.data.tokenizers import model_tokenizer
 
     folders = make_models(work, pretrain_steps, lora_steps)
-    prompt_set = prompts(model_tokenizer(str(folders["quickstart"])))
-    prompt_ids = {name: ids for name, (ids, _) in prompt_set.items()}
+    spm_file = sentencepiece_model(work / "sentencepiece.model")
+    for name, overrides in VARIANTS.items():
+        tokenizer_file = spm_file if "sentencepiece" in name else folders["base"] / "tokenizer.model"
+        folders[name] = random_variant(work / name.replace(" ", "_"), tokenizer_file, **overrides)
 
     def export(folder, name, *options):
-        out = work / "gguf" / f"{name}.gguf"
+        out = work / "gguf" / f"{name.replace(' ', '_')}.gguf"
         if tune(["export", "--checkpoint_dir", str(folder), "--output", str(out), *options]) != 0:
             raise RuntimeError(f"tune export of {folder} failed")
         return out
 
     rows = []
-    for model in ("random", "quickstart"):
+    for model in ("random", "quickstart", *VARIANTS):
+        prompt_set = prompts(model_tokenizer(str(folders[model])))
+        dtypes = LOGIT_TOLERANCE if model in ("random", "quickstart") else ("f16",)
         runs = {dtype: run_llamacpp(export(folders[model], f"{model}-{dtype}", "--dtype", dtype), prompt_set)
-                for dtype in LOGIT_TOLERANCE}
+                for dtype in dtypes}
         if model == "quickstart":  # the adapter on the base's GGUF, in llama.cpp
             base, adapter = export(folders["base"], "base-f16"), export(folders[model], "lora-f16", "--adapter-only")
             runs["f16 + lora"] = run_llamacpp(base, prompt_set, lora=adapter)
-        greedy, ref_logits = reference(folders[model], prompt_ids,
+        greedy, ref_logits = reference(folders[model], {name: ids for name, (ids, _) in prompt_set.items()},
                                        {(dtype, name): out[1] for dtype, run in runs.items()
                                         for name, out in run.items()})
         for dtype, run in runs.items():
@@ -226,13 +282,12 @@ def measure(work: Path, pretrain_steps: int, lora_steps: int) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | GGUF | prompt | ids equal | greedy tokens equal | near-ties | "
+    lines = ["| model | GGUF | prompt | ids equal | greedy tokens equal (margin of the first difference) | near-ties | "
              "max logit diff, step 0 / all steps (of max logit) | = merged GGUF |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        greedy = f"{r.same_tokens}/{NEW_TOKENS}" + ("" if r.same_tokens == NEW_TOKENS else
-                                                    f" (first differs at {r.same_tokens}"
-                                                    f"{', a near-tie' if r.explained else ''})")
+        greedy = f"{r.same_tokens}/{NEW_TOKENS}" + ("" if r.margin is None else
+                                                    f" (margin {r.margin:.1e})")
         merged = "" if r.same_as_merged is None else f"{r.same_as_merged}/{NEW_TOKENS}"
         lines.append(f"| {r.model} | {r.dtype} | {r.prompt} | {'yes' if r.ids_equal else 'NO'} | {greedy} | "
                      f"{r.near_ties} | {r.first_step_diff:.1e} / {r.max_diff:.1e} | {merged} |")

@@ -20,12 +20,14 @@ def test_llamacpp_reads_the_exported_gguf_as_torchft_does(tmp_path, capsys, monk
     printed = capsys.readouterr().out
     assert "OK: every difference is within the stated tolerance" in printed
     n = bench.NEW_TOKENS
-    assert len(rows) == 2 * 3 * 7 + 7  # (random, quickstart) x (f16, bf16, q8_0) x 7 prompts + the adapter's 7
+    # (random, quickstart) x (f16, bf16, q8_0) + the adapter on the base + 3 variants at f16; 7 prompts each
+    assert len(rows) == (2 * 3 + 1 + len(bench.VARIANTS)) * 7
+    assert {r.model for r in rows} == {"random", "quickstart", *bench.VARIANTS}
     for r in rows:
         assert r.ids_equal and r.sampler_is_argmax and not r.problems, r
         assert r.max_diff <= LOGIT_TOLERANCE[r.dtype.split()[0]], r
-        if r.dtype.startswith("f16"):  # f16: every greedy token equal on these models
-            assert r.same_tokens == n, r
+        if r.dtype.startswith("f16") and r.same_tokens < n:  # f16 parts only at a tie its own rounding flips
+            assert r.margin <= 2 * r.max_diff, r
         if r.dtype == "f16 + lora":
             assert r.same_as_merged == n, r
     assert f"| quickstart | f16 + lora | chat (llama.cpp built-in) | yes | {n}/{n} |" in printed
