@@ -282,15 +282,21 @@ def measure(work: Path, pretrain_steps: int, lora_steps: int) -> list[Row]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | GGUF | prompt | ids equal | greedy tokens equal (margin of the first difference) | near-ties | "
-             "max logit diff, step 0 / all steps (of max logit) | = merged GGUF |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per model and GGUF file, over its prompts; the prompts whose greedy tokens part are named."""
+    lines = ["| model | GGUF | prompts with equal ids | greedy tokens equal (per prompt) | near-ties | "
+             "max logit diff: first step / all steps | = merged GGUF |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
-        greedy = f"{r.same_tokens}/{NEW_TOKENS}" + ("" if r.margin is None else
-                                                    f" (margin {r.margin:.1e})")
-        merged = "" if r.same_as_merged is None else f"{r.same_as_merged}/{NEW_TOKENS}"
-        lines.append(f"| {r.model} | {r.dtype} | {r.prompt} | {'yes' if r.ids_equal else 'NO'} | {greedy} | "
-                     f"{r.near_ties} | {r.first_step_diff:.1e} / {r.max_diff:.1e} | {merged} |")
+        groups.setdefault((r.model, r.dtype), []).append(r)
+    for (model, dtype), group in groups.items():
+        equal = sum(r.same_tokens == NEW_TOKENS for r in group)
+        greedy = "; ".join([f"{equal} x {NEW_TOKENS}/{NEW_TOKENS}"] * bool(equal) + [
+            f"{r.prompt}: {r.same_tokens} (margin {r.margin:.1e})" for r in group if r.margin is not None])
+        merged = [r.same_as_merged for r in group if r.same_as_merged is not None]
+        merged_text = f"{sum(m == NEW_TOKENS for m in merged)} x {NEW_TOKENS}/{NEW_TOKENS}" if merged else ""
+        lines.append(f"| {model} | {dtype} | {sum(r.ids_equal for r in group)}/{len(group)} | {greedy} | "
+                     f"{sum(r.near_ties for r in group)} | {max(r.first_step_diff for r in group):.1e} / "
+                     f"{max(r.max_diff for r in group):.1e} | {merged_text} |")
     return "\n".join(lines)
 
 
@@ -309,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = measure(Path(args.workdir or tmp), **shape)
     finally:
         torch.set_num_threads(threads)
-    print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}; "
-          f"pretraining {shape['pretrain_steps']} steps, LoRA {shape['lora_steps']} steps; {NEW_TOKENS} greedy tokens")
+    print(f"llama-cpp-python {llama_cpp.__version__}, torch {torch.__version__}; quickstart pretraining "
+          f"{shape['pretrain_steps']} steps, LoRA {shape['lora_steps']} steps; {NEW_TOKENS} greedy tokens; "
+          "logit differences and margins relative to the largest |logit|")
     print(table(rows))
     problems = [f"{r.model} {r.dtype} {r.prompt}: {p}" for r in rows for p in r.problems]
     print("\n".join(problems) if problems else "OK: every difference is within the stated tolerance")

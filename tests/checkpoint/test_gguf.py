@@ -69,6 +69,10 @@ def test_hyperparameters_and_llama3_1_rope_factors(tmp_path, llama3_ranks_path):
     assert field("llama.rope.freq_base") == 500000.0
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.eos_token_id") == ours.eos_id
+    # llama.cpp splits text with the pattern `pre` names and adds BOS only when asked: with "default" or
+    # without add_bos_token, its ids differ from torchft's (benchmarks/bench_gguf_llamacpp.py shows it).
+    assert field("tokenizer.ggml.pre") == "llama-bpe" and field("tokenizer.ggml.add_bos_token") is True
+    assert field("tokenizer.ggml.bos_token_id") == ours.bos_id
     assert "<|start_header_id|>" in field("tokenizer.chat_template")
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" in tensors and "blk.1.ffn_down.weight" in tensors
