@@ -133,9 +133,10 @@ def random_variant(folder: Path, tokenizer_file: Path, **overrides) -> Path:
     vocab_size = model_tokenizer(str(tokenizer_file)).vocab_size
     args = LlamaArgs(**{**dict(vocab_size=vocab_size, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128,
                                intermediate_dim=384, max_seq_len=512, rope_base=500000.0), **overrides})
-    torch.manual_seed(0)
-    model = build_from_args(args)  # the modules' own random init
-    save_hf_checkpoint(model.state_dict(), folder, config=args.to_hf_config(torch.float32))
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state stays as it was
+        torch.manual_seed(0)
+        model = build_from_args(args)  # the modules' own random init
+    save_hf_checkpoint(model.state_dict(), folder, config=args.to_hf_config(torch.float32), overwrite=True)
     shutil.copyfile(tokenizer_file, folder / "tokenizer.model")
     return folder
 
