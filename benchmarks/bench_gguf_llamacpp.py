@@ -26,7 +26,8 @@ margin is that small. Differences and margins are relative to the largest |logit
 The adapter path: the quickstart's LoRA as ``tune export --adapter-only`` applied by llama.cpp on the
 base's f16 GGUF (``Llama(model_path=base, lora_path=adapter)``) must give the merged f16 GGUF's greedy
 tokens. The exit status is 1 when a tokenization differs, a logit difference exceeds the tolerance, a
-divergence is not explained or the adapter's tokens differ from the merged model's.
+divergence is not explained or the adapter's tokens differ from the merged model's (and, with one line
+saying how to install it, when llama-cpp-python is missing).
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python   # builds llama.cpp from source
     python benchmarks/bench_gguf_llamacpp.py          # CPU, tiny: a short pretraining and LoRA run
@@ -306,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the quickstart's own lengths (400 + 500 steps)")
     parser.add_argument("--workdir", help="where the models and GGUF files go (default: a temporary folder)")
     args = parser.parse_args(argv)
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        print('llama-cpp-python is not installed: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python '
+              "(it builds llama.cpp from source)", file=sys.stderr)
+        return 1
 
     shape = FULL if args.full else TINY
     threads = torch.get_num_threads()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from bench_gguf_llamacpp import NEW_TOKENS, compare, table  # noqa: E402
+from bench_gguf_llamacpp import NEW_TOKENS, compare, main, table  # noqa: E402
 
 TOLERANCE = 2e-3  # f16's: with a largest logit of 10, a pair of logits may cross within 2 * 2e-3 * 10 = 0.04
 
@@ -54,3 +54,10 @@ def test_the_table_names_the_prompts_that_part():
     rows = [row(logits(), logits(), [1] * NEW_TOKENS), row(logits(9.99), ours, tokens)]
     line = table(rows).splitlines()[-1]
     assert line.startswith(f"| m | f16 | 2/2 | 1 x {NEW_TOKENS}/{NEW_TOKENS}; p: 5 (margin 1.0e-03) | 1 |")
+
+
+def test_without_llama_cpp_it_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what a missing package looks like to import
+    assert main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python' in err[0]
