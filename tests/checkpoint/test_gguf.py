@@ -208,3 +208,13 @@ def test_adapter_only_refuses_dora_and_q8_0_in_one_line(tmp_path, capsys, llama3
     code, err = tune_export(capsys, "--checkpoint_dir", step, "--adapter-only", "--output", out)
     assert code != 0 and len(err) == 1 and "DoRA adapter has no llama.cpp LoRA form" in err[0]
     assert not out.exists()
+
+
+def test_the_documented_tolerances_are_the_checked_ones():
+    """docs/export.md's table quotes LOGIT_TOLERANCE, the bound this file and the llama.cpp benchmark check."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    quoted = {d: float(p) / 100 for d, p in re.findall(r"^\| `(\w+)` \|.*?at most ([\d.]+)%", page, re.M)}
+    assert quoted == BOUNDS
