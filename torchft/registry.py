@@ -154,7 +154,8 @@ RECIPES: list[Recipe] = [
         name="knowledge_distillation_single_device",
         file_path="knowledge_distillation_single_device.py",
         supports_distributed=False,
-        configs=_configs("quickstart/kd_single_device", "llama3_2/1B_lora_kd_single_device"),
+        configs=_configs("quickstart/kd_single_device", "quickstart/kd_full_single_device",
+                         "llama3_2/1B_lora_kd_single_device"),
     ),
     Recipe(
         name="knowledge_distillation_distributed",
