@@ -23,7 +23,8 @@ from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
-from torchft.training.preference_setup import build_preference_models, preference_loaders, preference_loop
+from torchft.training.preference_setup import (build_preference_models, preference_loaders, preference_loop,
+                                               training_references)
 from torchft.training.setup import start_writing
 from torchft.training.wiring import (LOOP_KEYS, builds_adapters, resume_and_save, run_identity_checked, start_run,
                                      train, trainable_params)
@@ -63,6 +64,9 @@ def main(cfg: DictConfig, recipe: str = "lora_dpo_distributed") -> None:
         tokenizer_path=cfg.tokenizer.get("path"), seed=cfg.seed, shuffle=cfg.get("shuffle", True),
         max_steps=cfg.get("max_steps"), epochs=cfg.get("epochs"),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    # reference: precomputed: every pair's reference log-probs once, before training; the reference model goes
+    reference, val_reference = training_references(reference, loader, val_loader, run,
+                                                    mode=cfg.get("reference", "model"))
 
     # ------------------------------------------------------------------ setup: optimization and saves
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
@@ -73,9 +77,9 @@ def main(cfg: DictConfig, recipe: str = "lora_dpo_distributed") -> None:
 
     # ------------------------------------------------------------------ loop
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
-    loop, train_step = preference_loop(run, model, loss_fn, reference, optimizer, lr_scheduler, save, metric_logger,
-                                       val_loader, total_steps=total_steps, start_step=step, adapters=adapters,
-                                       max_grad_norm=cfg.get("clip_grad_norm"),
+    loop, train_step = preference_loop(run, model, loss_fn, reference, val_reference, optimizer, lr_scheduler,
+                                       save, metric_logger, val_loader, total_steps=total_steps, start_step=step,
+                                       adapters=adapters, max_grad_norm=cfg.get("clip_grad_norm"),
                                        offload_activations=cfg.get("enable_activation_offloading", False),
                                        **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     start_writing(cfg, run.output_dir, metric_logger, overwrite=cfg.get("overwrite_output_dir", False),

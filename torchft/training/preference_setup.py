@@ -4,8 +4,9 @@ A recipe reads its own config and hands these functions plain values, one call p
 
     model, reference = build_preference_models(build, checkpointer, run, loss_fn, adapters=..., ...)
     loader, val_loader, total_steps = preference_loaders(tokenizer, dataset, val_dataset, batch_size, run, ...)
+    reference, val_reference = training_references(reference, loader, val_loader, run, precompute=...)
     step, save = resume_and_save(run, checkpointer, model, optimizer, lr_scheduler, loader, adapters=...)
-    loop, train_step = preference_loop(run, model, loss_fn, reference, optimizer, lr_scheduler, save, ...)
+    loop, train_step = preference_loop(run, model, loss_fn, reference, val_reference, optimizer, ...)
 
 Where the run trains (``run.env``: one device, or sharded under torchrun) and what trains (``adapters``:
 LoRA/DoRA/QLoRA adapters on a frozen base, or every weight; :func:`~torchft.training.wiring.builds_adapters`
@@ -20,7 +21,7 @@ from torch import nn
 
 from torchft.modules.preference import PreferenceLoss
 from torchft.training.preference import (Reference, adapters_disabled_reference, frozen_reference,
-                                         preference_train_step, preference_validate)
+                                         precompute_reference, preference_train_step, preference_validate)
 from torchft.training.wiring import Run, build_loaders, build_model, build_sharded_model, log_model, make_loop, run_length
 
 
@@ -73,19 +74,38 @@ def preference_loaders(tokenizer, dataset, validation_dataset, batch_size: int, 
     return loader, val_loader, run_length(run, max_steps, epochs, len(loader), gradient_accumulation_steps)
 
 
-def preference_loop(run: Run, model: nn.Module, loss_fn: PreferenceLoss, reference: Reference | None, optimizer,
-                    lr_scheduler, save: Callable[[int], str], metric_logger, val_loader, *, total_steps: int,
+def training_references(reference: Reference | None, loader, val_loader, run: Run, *,
+                        mode: str = "model") -> tuple[Reference | None, Reference | None]:
+    """``(reference, val_reference)``: with ``mode`` ``model`` (the config's ``reference``), ``reference``
+    for both; with ``precomputed``, tables of every train and validation pair's reference log-probabilities,
+    computed once before the first step (:func:`~torchft.training.preference.precompute_reference`). The
+    reference model is then dropped: a full run's frozen copy is freed once the caller lets go of
+    ``reference``, and no step runs a reference forward. A resumed run computes the tables again from the
+    same input model, so it continues exactly."""
+    if mode not in ("model", "precomputed"):
+        raise ValueError(f"reference ({mode}) must be 'model' (the reference model runs on every batch) or "
+                         "'precomputed' (its log-probs computed once before training)")
+    if mode == "model" or reference is None:
+        return reference, reference
+    place = dict(rank=run.rank, world_size=run.world_size)
+    tables = [None if data is None else precompute_reference(reference, data, run.device, **place)
+              for data in (loader, val_loader)]
+    return tables[0], tables[1]
+
+
+def preference_loop(run: Run, model: nn.Module, loss_fn: PreferenceLoss, reference: Reference | None,
+                    val_reference: Reference | None, optimizer, lr_scheduler, save: Callable[[int], str], metric_logger, val_loader, *, total_steps: int,
                     start_step: int, adapters: bool, max_grad_norm: float | None = None,
                     offload_activations: bool = False, **cadences):
     """``(loop, train_step)``: the shared :class:`~torchft.training.loop.TrainingLoop` (``cadences``: the
-    config's ``LOOP_KEYS``) validating on ``val_loader`` (TRL's metric names, ``val_``-prefixed), and the
-    pair-weighted preference step (global over all ranks under torchrun)."""
+    config's ``LOOP_KEYS``) validating on ``val_loader`` against ``val_reference`` (TRL's metric names,
+    ``val_``-prefixed), and the pair-weighted preference step (global over all ranks under torchrun)."""
     from torchft.training.throughput import model_flops_per_token
 
     train_step = preference_train_step(model, loss_fn, optimizer, lr_scheduler, reference, sharded=run.env is not None,
                                        max_grad_norm=max_grad_norm, offload_activations=offload_activations)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=start_step,
-                     validate=preference_validate(model, val_loader, loss_fn, reference, run.device),
+                     validate=preference_validate(model, val_loader, loss_fn, val_reference, run.device),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=not adapters),
                      **cadences)
     return loop, train_step
