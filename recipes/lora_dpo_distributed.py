@@ -64,7 +64,7 @@ def main(cfg: DictConfig, recipe: str = "lora_dpo_distributed") -> None:
         tokenizer_path=cfg.tokenizer.get("path"), seed=cfg.seed, shuffle=cfg.get("shuffle", True),
         max_steps=cfg.get("max_steps"), epochs=cfg.get("epochs"),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    # reference: precomputed: every pair's reference log-probs once, before training; the reference model goes
+    # reference: precomputed: every pair's reference log-probs once, before training; the reference model is dropped
     reference, val_reference = training_references(reference, loader, val_loader, run,
                                                     mode=cfg.get("reference", "model"))
 

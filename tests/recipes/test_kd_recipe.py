@@ -150,7 +150,8 @@ def test_a_non_finite_kd_loss_stops_the_run_at_the_last_good_checkpoint(tmp_path
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(distillation.TeacherDistillation, "__call__", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3: training stopped .* last good checkpoint is .*step_2"):
+    stop = r"loss is nan at step 3: training stopped .* last good checkpoint is .*step_2"
+    with pytest.raises(NonFiniteLossError, match=stop):
         _recipe().main(kd_config(tmp_path / "out", models, ["max_steps=5", "save_every_n_steps=2",
                                                             "validation_dataset=null"], FULL_STUDENT))
     assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_2"]

@@ -77,11 +77,11 @@ def test_precomputed_reference_log_probs_equal_the_frozen_copys_and_resume_exact
     from torchft.data import _assets
 
     rows = (Path(_assets.ASSETS_DIR) / "quickstart_preference_train.jsonl").read_text().splitlines()
-    (tmp_path / "train.jsonl").write_text("\n".join(rows[:24]) + "\n")
-    (tmp_path / "val.jsonl").write_text("\n".join(rows[24:29]) + "\n")
+    (tmp_path / "dataset.jsonl").write_text("\n".join(rows[:24]) + "\n")
+    (tmp_path / "validation_dataset.jsonl").write_text("\n".join(rows[24:29]) + "\n")
     data = [f"{k}={v}" if v is not None else k for node in ("dataset", "validation_dataset") for k, v in (
         (f"{node}._component_", "torchft.data.preference_dataset"), (f"~{node}.split", None),
-        (f"+{node}.source", "json"), (f"+{node}.data_files", tmp_path / ("val.jsonl" if "val" in node else "train.jsonl")))]
+        (f"+{node}.source", "json"), (f"+{node}.data_files", tmp_path / f"{node}.jsonl"))]
     full = str(ROOT / "recipes" / "configs" / "quickstart" / "full_dpo_single_device.yaml")
     common = ["~base_model", f"checkpointer.checkpoint_dir={base}", "progress_bar=false", "batch_size=4", "max_steps=4",
               "save_every_n_steps=2", "eval_every_n_steps=4", "optimizer.lr=1e-3", "lr_scheduler.num_warmup_steps=0",
@@ -94,7 +94,8 @@ def test_precomputed_reference_log_probs_equal_the_frozen_copys_and_resume_exact
     for a, b in zip(frozen, pre):
         for name in [k for k in a if k == "loss" or k.startswith(("rewards/", "val_"))]:
             assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
-    assert {m["step"] for m in pre if "loss" in m} == {1, 2, 3, 4} and {m["step"] for m in pre if "val_loss" in m} == {0, 4}
+    assert {m["step"] for m in pre if "loss" in m} == {1, 2, 3, 4}
+    assert {m["step"] for m in pre if "val_loss" in m} == {0, 4}
     assert [m for m in pre if "val_loss" in m][-1]["val_loss"] < 0.693  # it trained (log 2 at step 0)
 
     from torchft.training import preference_setup

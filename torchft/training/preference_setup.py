@@ -22,7 +22,8 @@ from torch import nn
 from torchft.modules.preference import PreferenceLoss
 from torchft.training.preference import (Reference, adapters_disabled_reference, frozen_reference,
                                          precompute_reference, preference_train_step, preference_validate)
-from torchft.training.wiring import Run, build_loaders, build_model, build_sharded_model, log_model, make_loop, run_length
+from torchft.training.wiring import (Run, build_loaders, build_model, build_sharded_model, log_model, make_loop,
+                                     run_length)
 
 
 def build_preference_models(build: Callable[[], nn.Module], checkpointer, run: Run, loss_fn: PreferenceLoss, *,
@@ -94,7 +95,8 @@ def training_references(reference: Reference | None, loader, val_loader, run: Ru
 
 
 def preference_loop(run: Run, model: nn.Module, loss_fn: PreferenceLoss, reference: Reference | None,
-                    val_reference: Reference | None, optimizer, lr_scheduler, save: Callable[[int], str], metric_logger, val_loader, *, total_steps: int,
+                    val_reference: Reference | None, optimizer, lr_scheduler, save: Callable[[int], str],
+                    metric_logger, val_loader, *, total_steps: int,
                     start_step: int, adapters: bool, max_grad_norm: float | None = None,
                     offload_activations: bool = False, **cadences):
     """``(loop, train_step)``: the shared :class:`~torchft.training.loop.TrainingLoop` (``cadences``: the

@@ -274,7 +274,8 @@ def sharded_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_schedul
 
 
 def resume_and_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_scheduler, loader, *, adapters: bool,
-                    identity: Mapping | None = None, global_batch_size: int | None = None) -> tuple[int, Callable[[int], str]]:
+                    identity: Mapping | None = None,
+                    global_batch_size: int | None = None) -> tuple[int, Callable[[int], str]]:
     """``(step, save)``: a resumed run's optimizer, LR schedule, data position and RNG put back (the step to
     continue after; 0 for a fresh run), and ``save(step) -> str`` for the loop.
 
