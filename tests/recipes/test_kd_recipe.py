@@ -110,19 +110,24 @@ def _recording(built):
 
 def test_a_full_student_distils_every_weight_and_kd_ratio_0_is_plain_full_fine_tuning(tmp_path, models):
     """A plain student builder runs full_finetune_single_device underneath: the KL on the teacher's outputs
-    falls, every weight moves, the step folder has no adapter; with kd_ratio=0 the losses are full SFT's."""
+    falls, every weight moves, the step folder has no adapter, a resume from step 4 continues exactly; with
+    kd_ratio=0 the losses are full SFT's."""
     from torchft._recipes import full_finetune_single_device
 
     from torchft.checkpoint import load_hf_checkpoint
 
     recipe, student = _recipe(), models[1]
-    recipe.main(kd_config(tmp_path / "kd", models, ["max_steps=8", "loss.kd_ratio=1.0", "optimizer.lr=3e-3",
-                                                     "save_every_n_steps=8", "validation_dataset=null"], FULL_STUDENT))
-    losses = train_losses(tmp_path / "kd")
+    kd = ["max_steps=8", "loss.kd_ratio=1.0", "optimizer.lr=3e-3", "save_every_n_steps=4", "validation_dataset=null"]
+    recipe.main(kd_config(tmp_path / "kd", models, kd, FULL_STUDENT))
+    recipe.main(kd_config(tmp_path / "resumed", models, [*kd, f"resume_from_checkpoint={tmp_path / 'kd' / 'step_4'}"],
+                          FULL_STUDENT))
+    losses, resumed = train_losses(tmp_path / "kd"), train_losses(tmp_path / "resumed")
+    assert resumed == {s: losses[s] for s in (5, 6, 7, 8)}  # a resumed full student continues exactly
     assert (losses[7] + losses[8]) / 2 < 0.8 * (losses[1] + losses[2]) / 2, losses
     trained, initial = load_hf_checkpoint(tmp_path / "kd" / "step_8"), load_hf_checkpoint(student)
     assert not (tmp_path / "kd" / "step_8" / "adapter").exists() and sorted(trained) == sorted(initial)
     assert all(not torch.equal(trained[k], initial[k]) for k in trained if "norm" not in k)  # every weight trained
+    assert all(torch.equal(trained[k], v) for k, v in load_hf_checkpoint(tmp_path / "resumed" / "step_8").items())
 
     common = ["max_steps=3", "loss.kd_ratio=0.0", "validation_dataset=null"]
     recipe.main(kd_config(tmp_path / "kd0", models, common, FULL_STUDENT))

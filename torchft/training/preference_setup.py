@@ -1,10 +1,11 @@
 """The setup the preference recipes share (``lora_dpo_*`` and ``full_dpo_*``, on one device or many).
 
-A recipe reads its own config and hands these functions plain values, one call per section::
+A recipe reads its own config and hands these functions plain values, one call per section
+(``resume_and_save`` is in :mod:`torchft.training.wiring`, shared with any recipe)::
 
     model, reference = build_preference_models(build, checkpointer, run, loss_fn, adapters=..., ...)
     loader, val_loader, total_steps = preference_loaders(tokenizer, dataset, val_dataset, batch_size, run, ...)
-    reference, val_reference = training_references(reference, loader, val_loader, run, precompute=...)
+    reference, val_reference = training_references(reference, loader, val_loader, run, mode=...)
     step, save = resume_and_save(run, checkpointer, model, optimizer, lr_scheduler, loader, adapters=...)
     loop, train_step = preference_loop(run, model, loss_fn, reference, val_reference, optimizer, ...)
 
