@@ -56,10 +56,10 @@ def main(cfg: DictConfig, recipe: str = "lora_dpo_distributed") -> None:
 
     # ------------------------------------------------------------------ setup: data (each rank its pairs)
     tokenizer = instantiate(cfg.tokenizer)
-    val_dataset = cfg.get("validation_dataset")
+    # the datasets are read once the tokenizer is checked
+    make_val_dataset = None if cfg.get("validation_dataset") is None else partial(instantiate, cfg.validation_dataset)
     loader, val_loader, total_steps = preference_loaders(
-        tokenizer, instantiate(cfg.dataset, tokenizer=tokenizer),
-        None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer),
+        tokenizer, partial(instantiate, cfg.dataset), make_val_dataset,
         per_rank_batch_size(cfg.batch_size, env.world_size), run, vocab_size=model.args.vocab_size,
         tokenizer_path=cfg.tokenizer.get("path"), seed=cfg.seed, shuffle=cfg.get("shuffle", True),
         max_steps=cfg.get("max_steps"), epochs=cfg.get("epochs"),

@@ -48,10 +48,10 @@ def main(cfg: DictConfig) -> None:
 
     # ------------------------------------------------------------------ setup: data (pairs)
     tokenizer = instantiate(cfg.tokenizer)
-    val_dataset = cfg.get("validation_dataset")
+    # the datasets are read once the tokenizer is checked
+    make_val_dataset = None if cfg.get("validation_dataset") is None else partial(instantiate, cfg.validation_dataset)
     loader, val_loader, total_steps = preference_loaders(
-        tokenizer, instantiate(cfg.dataset, tokenizer=tokenizer),
-        None if val_dataset is None else instantiate(val_dataset, tokenizer=tokenizer), cfg.batch_size, run,
+        tokenizer, partial(instantiate, cfg.dataset), make_val_dataset, cfg.batch_size, run,
         vocab_size=model.args.vocab_size, tokenizer_path=cfg.tokenizer.get("path"), seed=cfg.seed,
         shuffle=cfg.get("shuffle", True), max_steps=cfg.get("max_steps"), epochs=cfg.get("epochs"),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps)

@@ -4,7 +4,7 @@ A recipe reads its own config and hands these functions plain values, one call p
 (``resume_and_save`` is in :mod:`torchft.training.wiring`, shared with any recipe)::
 
     model, reference = build_preference_models(build, checkpointer, run, loss_fn, adapters=..., ...)
-    loader, val_loader, total_steps = preference_loaders(tokenizer, dataset, val_dataset, batch_size, run, ...)
+    loader, val_loader, total_steps = preference_loaders(tokenizer, make_dataset, make_val_dataset, ...)
     reference, val_reference = training_references(reference, loader, val_loader, run, mode=...)
     step, save = resume_and_save(run, checkpointer, model, optimizer, lr_scheduler, loader, adapters=...)
     loop, train_step = preference_loop(run, model, loss_fn, reference, val_reference, optimizer, ...)
@@ -59,17 +59,19 @@ def build_preference_models(build: Callable[[], nn.Module], checkpointer, run: R
     return model, partial(frozen_reference, frozen, loss_fn)
 
 
-def preference_loaders(tokenizer, dataset, validation_dataset, batch_size: int, run: Run, *, vocab_size: int,
-                       tokenizer_path: str | None, seed: int, shuffle: bool, max_steps: int | None,
-                       epochs: float | None, gradient_accumulation_steps: int):
-    """``(loader, val_loader, total_steps)``: the pairs of ``dataset`` (``batch_size`` pairs per rank, chosen
-    and rejected collated into one batch of ``2 * batch_size`` rows), the validation pairs (None without
-    ``validation_dataset``), and the run's last step (a resume past it is refused here). The tokenizer
-    must fit the model's ``vocab_size``."""
+def preference_loaders(tokenizer, make_dataset: Callable, make_validation_dataset: Callable | None, batch_size: int,
+                       run: Run, *, vocab_size: int, tokenizer_path: str | None, seed: int, shuffle: bool,
+                       max_steps: int | None, epochs: float | None, gradient_accumulation_steps: int):
+    """``(loader, val_loader, total_steps)``: the pairs ``make_dataset(tokenizer=tokenizer)`` reads
+    (``batch_size`` pairs per rank, chosen and rejected collated into one batch of ``2 * batch_size`` rows),
+    the validation pairs (None without ``make_validation_dataset``), and the run's last step (a resume past it
+    is refused here). The tokenizer must fit the model's ``vocab_size``: checked before any pair is read."""
     from torchft.data.preference import preference_collate
     from torchft.training.setup import check_tokenizer_fits
 
     check_tokenizer_fits(tokenizer.vocab_size, vocab_size, tokenizer_path)
+    dataset = make_dataset(tokenizer=tokenizer)
+    validation_dataset = None if make_validation_dataset is None else make_validation_dataset(tokenizer=tokenizer)
     loader, val_loader = build_loaders(dataset, validation_dataset, batch_size, run, seed=seed,
                                        pad_id=tokenizer.pad_id, shuffle=shuffle,
                                        collate_fn=partial(preference_collate, pad_id=tokenizer.pad_id))
