@@ -111,6 +111,15 @@ def log_model(model: nn.Module, run: Run) -> None:
     log.info("%s", line)
 
 
+def builds_adapters(model_node: Mapping) -> bool:
+    """Whether a config's ``model`` node builds LoRA/DoRA adapters: a ``lora_*`` / ``qlora_*`` builder, or
+    any builder (``from_hf_config``) given LoRA targets (``lora_attn_modules``, ``apply_lora_to_mlp``,
+    ``apply_lora_to_output``). Read from the node, before its checkpoint needs to exist."""
+    builder = str(model_node.get("_component_", "")).rsplit(".", 1)[-1]
+    targets = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output")
+    return builder.startswith(("lora_", "qlora_")) or any(bool(model_node.get(key)) for key in targets)
+
+
 def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                 trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
                 compile: bool = False, tiled_mlp_tokens: int | None = None, qat=None) -> nn.Module:
@@ -262,6 +271,38 @@ def sharded_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_schedul
                                      is_main=run.is_main_process))
 
     return save
+
+
+def resume_and_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_scheduler, loader, *, adapters: bool,
+                    identity: Mapping | None = None,
+                    global_batch_size: int | None = None) -> tuple[int, Callable[[int], str]]:
+    """``(step, save)``: a resumed run's optimizer, LR schedule, data position and RNG put back (the step to
+    continue after; 0 for a fresh run), and ``save(step) -> str`` for the loop.
+
+    On one device ``save`` writes ``step_<N>/`` with the model as an HF folder (the merged model and
+    ``adapter/`` with ``adapters``) and ``training_state.pt``; under torchrun it is :func:`sharded_save`
+    (``identity``, ``global_batch_size``) after :func:`resume_sharded`."""
+    from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
+    from torchft.training.state import restore_training_state, training_state
+
+    if run.env is not None:
+        step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=adapters,
+                              global_batch_size=global_batch_size)
+        return step, sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
+                                  adapters_only=adapters, global_batch_size=global_batch_size)
+    step = 0
+    if run.resumed is not None:
+        step = restore_training_state(run.resumed, optimizer, lr_scheduler, loader)
+        log.info("resumed from %s at step %d", run.resume_dir, step)
+
+    def save(step: int) -> str:
+        if adapters:  # the merged HF folder + step_<N>/adapter/
+            state = training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model))
+            return str(checkpointer.save(step, model, adapter_model=model, training_state=state))
+        state = training_state(step, optimizer, lr_scheduler, loader)
+        return str(checkpointer.save(step, cpu_state_dict(model), training_state=state))
+
+    return step, save
 
 
 def sft_train_step(model: nn.Module, loss_fn, optimizer, lr_scheduler, run: Run, *,
