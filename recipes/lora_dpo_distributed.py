@@ -73,7 +73,8 @@ def main(cfg: DictConfig) -> None:
     step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=True,
                           global_batch_size=cfg.batch_size)
     save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
-                        adapters_only=True, global_batch_size=cfg.batch_size)
+                        adapters_only=True, global_batch_size=cfg.batch_size,
+                        async_save=cfg.get("async_save", False))  # DCP shards written in the background
 
     # ------------------------------------------------------------------ loop
     train_step = preference_train_step(model, loss_fn, optimizer, lr_scheduler, reference, sharded=True,
