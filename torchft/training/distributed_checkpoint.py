@@ -277,7 +277,9 @@ class BackgroundSaves:
     def finish(self) -> Path | None:
         """Wait for the save under way (on every rank), then rank 0 renames its folder into place and prunes
         the oldest beyond ``keep_last_n``; returns the step folder (None when no save was under way). A
-        save that failed on any rank raises here, and its temporary folder is deleted."""
+        save that failed on any rank raises here, and its temporary folder is deleted. No rank waits for
+        another (so a rank whose own error ends the run can call it): the other ranks may return before
+        rank 0 has renamed the folder."""
         from torchft.checkpoint._io import commit_directory
 
         if self._pending is None:
