@@ -77,6 +77,8 @@ COVERED = {
         "tests/distributed/test_distributed_recipes.py::test_lora_on_2_ranks_matches_one_device_with_the_global_batch",
     "tune run --nproc_per_node 2 full_finetune_distributed --config quickstart/full_distributed":
         "tests/distributed/test_distributed_recipes.py::test_full_finetune_on_2_ranks_matches_one_device",
+    "tune run --nproc_per_node 2 lora_finetune_distributed --config quickstart/lora_distributed async_save=true":
+        "tests/distributed/test_distributed_recipes.py::test_a_background_save_writes_what_a_save_in_line_writes",
 }
 
 # Transcripts that show an error on purpose: the command must fail (exit != 0).
