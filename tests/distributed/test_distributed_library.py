@@ -71,16 +71,17 @@ def test_tune_run_refuses_more_processes_than_gpus_and_an_indivisible_batch(caps
         assert capsys.readouterr().err.startswith(message)
 
 
-def test_async_save_is_true_or_false_and_only_the_distributed_recipes_take_it(capsys):
+def test_async_save_is_true_or_false_and_only_the_distributed_recipes_take_it(capsys, tmp_path):
     for config, override, problem in (
         ("quickstart/lora_distributed", "async_save=1", "async_save (1) must be true or false"),
         ("quickstart/full_dpo_distributed", "async_save=often", "async_save (often) must be true or false"),
         # single-device saves are written in line: the key is not theirs
         ("quickstart/lora_single_device", "+async_save=true", "async_save: unknown key for this recipe"),
     ):
-        assert cli_main.main(["validate", "--config", config, override]) == 1
+        assert cli_main.main(["validate", "--config", config, override, f"output_dir={tmp_path}"]) == 1
         assert capsys.readouterr().err.splitlines()[1:] == [f"  {problem}"]
-    assert cli_main.main(["validate", "--config", "quickstart/kd_distributed", "async_save=true"]) == 0
+    assert cli_main.main(["validate", "--config", "quickstart/kd_distributed", "async_save=true",
+                          f"output_dir={tmp_path}"]) == 0
 
 
 def test_resume_refuses_a_folder_of_another_model_or_method(tmp_path):
