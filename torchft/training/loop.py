@@ -38,6 +38,9 @@ non-finite check stop every rank at the same step.
 ``any_rank`` turns this rank's "stop requested" into the same decision on every rank; it is called
 every step, so it must not wait for the device (e.g. an all-reduce MAX of a CPU flag on a gloo
 group, :func:`torchft.training.distributed.any_rank`); without it the local flag decides.
+A ``save`` whose folder is finished in the background (the distributed recipes' ``async_save``) comes
+with ``finish_save``: the loop calls it after the last save, before a stop names the folder saved, and
+when an error ends the run, so no save under way is lost at the end of a run.
 Throughput metrics are global (``tokens_per_s`` of all ranks together); ``mfu`` divides the global
 FLOP/s by ``world_size`` devices' peak, so it is the utilisation of each GPU.
 """
