@@ -294,9 +294,11 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     from ._launch import TUNE
 
     out = tmp_path / "out"
-    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well
+    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well, in the
+    # background (async_save): the stop waits for that save and puts its folder in place before it exits
     overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000", "replicas=2",
-                                                       "validation_dataset=null", "eval_every_n_steps=null"])
+                                                       "validation_dataset=null", "eval_every_n_steps=null",
+                                                       "async_save=true"])
     args = [*TUNE, "run", "--standalone", "--nproc_per_node", "2", "lora_finetune_distributed", "--config",
             "quickstart/lora_distributed", *overrides]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -312,6 +314,7 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     step = int(saved.name.split("_")[1])
     assert 2 <= step < 500 and (saved / "distributed" / ".metadata").is_file()
     assert f"SIGTERM received: saved {saved}" in stderr
+    assert not list(out.glob(".step_*"))  # nothing left under way
 
 
 def test_hsdp_activation_checkpointing_and_tiled_mlp_train_as_the_plain_2_rank_run(lora_runs, base, data, tmp_path):
