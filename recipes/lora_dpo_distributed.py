@@ -73,7 +73,8 @@ def main(cfg: DictConfig, recipe: str = "lora_dpo_distributed") -> None:
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     # a resumed run: the trainable weights and optimizer from the DCP shards, resharded to this world size
     step, save = resume_and_save(run, checkpointer, model, optimizer, lr_scheduler, loader, adapters=adapters,
-                                 identity=identity, global_batch_size=cfg.batch_size)
+                                 identity=identity, global_batch_size=cfg.batch_size,
+                                 async_save=cfg.get("async_save", False))  # DCP shards written in the background
 
     # ------------------------------------------------------------------ loop
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()

@@ -81,6 +81,8 @@ COVERED = {
         "tests/distributed/test_distributed_recipes.py::test_full_finetune_on_2_ranks_matches_one_device",
     "python benchmarks/bench_gguf_llamacpp.py":  # skipped where llama-cpp-python is not installed
         "tests/benchmarks/test_bench_gguf_llamacpp.py::test_llamacpp_reads_the_exported_gguf_as_torchft_does",
+    "tune run --nproc_per_node 2 lora_finetune_distributed --config quickstart/lora_distributed async_save=true":
+        "tests/distributed/test_distributed_recipes.py::test_a_background_save_writes_what_a_save_in_line_writes",
 }
 
 # Transcripts that show an error on purpose: the command must fail (exit != 0).
