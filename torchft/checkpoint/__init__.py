@@ -6,7 +6,9 @@
 - PEFT adapters: ``save_peft_adapter`` / ``load_peft_adapter``
 - recipes: ``HFCheckpointer``, ``MetaCheckpointer``, ``latest_step_dir``, ``resolve_resume_dir``,
   ``set_aside_later_steps``
-- writing step folders: ``atomic_directory`` (written aside, renamed into place), ``copy_support_files``
+- writing step folders: ``atomic_directory`` (written aside, renamed into place), ``copy_support_files``;
+  a folder written in the background: ``temporary_sibling`` (where to write it), ``commit_directory``
+  (rename it into place once complete)
 
 Names are imported on first use, so importing this package stays cheap and a problem in one
 module never breaks the others.
@@ -17,6 +19,8 @@ _EXPORTS = {
     "CheckpointError": "_io",
     "atomic_directory": "_io",
     "copy_support_files": "_io",
+    "temporary_sibling": "_io",
+    "commit_directory": "_io",
     "load_hf_checkpoint": "hf",
     "save_hf_checkpoint": "hf",
     "load_hf_args": "hf",

@@ -50,7 +50,7 @@ def _broadcast(value):
 def shared_temporary_folder(target: Path, is_main: bool) -> Path:
     """The hidden temporary folder of ``target`` that every rank writes into, made by rank 0 (a collective);
     rank 0 first removes what an interrupted run's save left (no save of this run is under way)."""
-    from torchft.checkpoint._io import temporary_sibling
+    from torchft.checkpoint import temporary_sibling
     from torchft.checkpoint.checkpointer import remove_unfinished_saves
 
     if is_main:
@@ -62,7 +62,7 @@ def shared_temporary_folder(target: Path, is_main: bool) -> Path:
 @contextlib.contextmanager
 def shared_atomic_directory(target: Path, is_main: bool):
     """A temporary folder every rank writes into; rank 0 renames it to ``target`` once all are done."""
-    from torchft.checkpoint._io import commit_directory
+    from torchft.checkpoint import commit_directory
 
     tmp = shared_temporary_folder(target, is_main)
     try:
@@ -280,7 +280,7 @@ class BackgroundSaves:
         save that failed on any rank raises here, and its temporary folder is deleted. No rank waits for
         another (so a rank whose own error ends the run can call it): the other ranks may return before
         rank 0 has renamed the folder."""
-        from torchft.checkpoint._io import commit_directory
+        from torchft.checkpoint import commit_directory
 
         if self._pending is None:
             return None
