@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -40,11 +41,14 @@ def small_llama(vocab_size: int, **dims):
 
 
 def train_on(model, train: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float, seed: int,
-             device: str) -> float:
-    """``steps`` AdamW steps on random windows of ``train`` (the windows drawn from ``seed``); the last loss."""
+             device: str, cosine: bool = False) -> float:
+    """``steps`` AdamW steps on random windows of ``train`` (the windows drawn from ``seed``); the last loss.
+    ``cosine``: the learning rate decays from ``lr`` to 0 along a half cosine (else it stays ``lr``)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
+        if cosine:
+            optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         offsets = torch.randint(0, len(train) - seq_len - 1, (batch_size,), generator=generator)
         batch = torch.stack([train[o : o + seq_len + 1] for o in offsets.tolist()]).to(device)  # [b, s + 1]
         logits = model(batch[:, :-1])
