@@ -85,6 +85,10 @@ def test_qlora_8b_weights_and_nf4_bytes_per_parameter():
     assert f"{total_bytes / 1e9:.1f} GB" == "5.7 GB"
     text = " ".join(_page("docs/finetuning.md").split())
     assert "stored as NF4 (about 0.52 bytes per parameter)" in text and "weights take about 5.7 GB" in text
+    nf4_gb, bf16_gb, all_bf16_gb = (quantized * nf4_bytes_per_param / 1e9, (total_bytes - quantized * nf4_bytes_per_param) / 1e9,
+                                    sum(p.numel() for _, p in params) * 2 / 1e9)
+    assert (f"Llama-3.1-8B is {all_bf16_gb:.1f} GB in bf16, and **{total_bytes / 1e9:.1f} GB** as QLoRA ({nf4_gb:.1f} GB "
+            f"of NF4 decoder weights plus {bf16_gb:.1f} GB of bf16 embeddings") in " ".join(_page("docs/lora.md").split())
 
 
 def test_activation_per_layer_figures_follow_the_per_token_table():
@@ -242,3 +246,15 @@ def test_70b_save_memory_figure():
     gb = 2 * sum(p.numel() for _, p in params) / 1e9
     assert f"a 70B save never needs the {gb:.0f} GB of its bf16 weights in one process's memory" in _text(
         "docs/distributed.md")
+
+
+def test_estimate_overheads_the_pages_quote():
+    from torchft.training.estimate import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, FRAGMENTATION, GIB
+
+    workspace_mib, per_handle_mib = CUBLAS_WORKSPACE_BYTES // 2**20, CUBLAS_WORKSPACE_BYTES // 2 // 2**20  # 2 handles
+    assert (f"The peak includes the {workspace_mib} MiB of cuBLAS workspaces a CUDA run allocates through the caching "
+            f"allocator ({per_handle_mib} MiB per cuBLAS handle") in _text("docs/finetuning.md")
+    assert (f"`needed_bytes` assumes {FRAGMENTATION:.0%} fragmentation on top of the peak plus "
+            f"{CUDA_CONTEXT_BYTES / GIB:.2f} GiB for the CUDA context") in _text("docs/finetuning.md")
+    assert (f"The peak includes {workspace_mib} MiB of cuBLAS workspaces ({per_handle_mib} MiB per handle on Hopper"
+            in _text("docs/cli.md"))
