@@ -18,11 +18,27 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder is malformed; the message names the file and the problem."""
 
 
-def require_dir(path: str | os.PathLike, what: str = "checkpoint folder") -> Path:
-    """Return ``path`` as a Path, or raise FileNotFoundError naming it when it is not a folder."""
+# What to do about a damaged file: said after every "truncated or corrupt" / "unreadable" message.
+REPLACE_FILE_HINT = "replace it with a complete copy (download or copy it again)"
+
+
+def not_safetensors_error(path: str | os.PathLike, err: Exception) -> CheckpointError:
+    """The error for a file safetensors cannot open (a download cut short, a damaged copy)."""
+    return CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({err}); {REPLACE_FILE_HINT}")
+
+
+def download_hint(checkpoint_dir: str | os.PathLike) -> str:
+    """What to do when a config's model folder is missing (or its files are damaged)."""
+    return (f"download the model there, e.g. `tune download REPO_ID --output-dir {checkpoint_dir}`, "
+            "or set checkpointer.checkpoint_dir=PATH")
+
+
+def require_dir(path: str | os.PathLike, what: str = "checkpoint folder", hint: str | None = None) -> Path:
+    """Return ``path`` as a Path, or raise FileNotFoundError naming it (and ``hint``, what to do) when it
+    is not a folder."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} does not exist")
+        raise FileNotFoundError(f"{path}: {what} does not exist" + (f" ({hint})" if hint else ""))
     if not path.is_dir():
         raise NotADirectoryError(f"{path}: {what} is not a folder")
     return path
