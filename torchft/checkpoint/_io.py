@@ -133,7 +133,13 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 
 def commit_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Flush the finished folder ``tmp`` and rename it over ``target`` (replacing one that exists),
-    then flush the parent folder. ``atomic_directory`` does this for the folders it yields."""
+    then flush the parent folder. ``atomic_directory`` does this for the folders it yields.
+
+    Every entry inside gets the permissions of a plain ``open``/``mkdir`` too: some writers make private
+    files (safetensors' ``save_file`` creates 0600 files whatever the umask)."""
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        for name in dirnames + filenames:
+            _plain_permissions(Path(dirpath) / name)
     _fsync_tree(Path(tmp))
     _replace_durably(Path(tmp), Path(target))
 
