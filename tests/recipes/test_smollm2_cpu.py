@@ -77,7 +77,8 @@ def test_smollm2_config_trains_on_a_smollm2_shaped_folder_and_its_output_loads_i
     assert tune(["run", "lora_finetune_single_device", "--config", "smollm2/135M_lora_single_device",
                  f"checkpointer.checkpoint_dir={base}", f"output_dir={out}",
                  f"dataset.data_files={train}", f"validation_dataset.data_files={val}",
-                 "max_steps=2", "save_every_n_steps=2", "eval_every_n_steps=2", "progress_bar=false"]) == 0
+                 "max_steps=2", "save_every_n_steps=2", "eval_every_n_steps=2", "progress_bar=false",
+                 "+cpu_threads=1"]) == 0
     printed = capsys.readouterr().out
     losses = {**train_losses(out), **{f"val{k}": v for k, v in val_losses(out).items()}}
     assert set(losses) == {1, 2, "val0", "val2"} and all(math.isfinite(v) for v in losses.values()), losses
