@@ -7,8 +7,9 @@
 as one device with B. The model is sharded per decoder layer and streamed in, each rank reading only
 its rows; weights, gradients and AdamW state stay sharded. Every save writes the same
 ``<output_dir>/step_<N>/`` HF folder as the single-device recipe plus ``distributed/`` (DCP: model +
-optimizer) for ``resume_from_checkpoint``, at this or another world size. The file reads top to
-bottom: setup, loop, save.
+optimizer) for ``resume_from_checkpoint``, at this or another world size. ``teacher_model`` /
+``teacher_checkpointer`` add a frozen, sharded teacher (knowledge_distillation_distributed with a plain
+student builder, docs/distillation.md). The file reads top to bottom: setup, loop, save.
 """
 import logging
 from functools import partial
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
+from torchft.training.distillation import with_teacher
 from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
@@ -44,6 +46,8 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: model (each rank its shards)
     if run.is_main_process and cfg.get("base_model") is not None:  # the quickstart's tiny base model
         instantiate(cfg.base_model)
+    if run.is_main_process and cfg.get("teacher_base_model") is not None:  # the distillation quickstart's teacher
+        instantiate(cfg.teacher_base_model)
     dist.barrier()
     qat = qat_settings(cfg.get("qat"))  # quantization-aware training: fake-quantized linears (docs/qat.md)
     checkpointer = instantiate(cfg.checkpointer)
@@ -72,12 +76,17 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: optimization and logging
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    if cfg.get("teacher_model") is not None:  # knowledge distillation: a frozen teacher sharing the tokenizer
+        loss_fn, val_loss_fn = with_teacher(loss_fn, partial(instantiate, cfg.teacher_model),
+                                            instantiate(cfg.teacher_checkpointer), run,
+                                            student_vocab_size=model.args.vocab_size, compile=cfg.compile)
     # a resumed run: weights and optimizer from the DCP shards, resharded to this world size
     step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=False,
                           global_batch_size=cfg.batch_size)
     save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
-                        adapters_only=False, global_batch_size=cfg.batch_size)
+                        adapters_only=False, global_batch_size=cfg.batch_size,
+                        async_save=cfg.get("async_save", False))  # DCP shards written in the background
 
     prompts = list(cfg.get("sample_prompts") or [])  # every rank generates (FSDP2), the main process prints
     if prompts:
@@ -91,7 +100,7 @@ def main(cfg: DictConfig) -> None:
     train_step = with_fake_quant_schedule(train_step, model, qat, start_step=step)  # qat.fake_quant_after_n_steps
     metric_logger = instantiate(cfg.metric_logger) if run.is_main_process else MetricLogger()
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn, run),
+                     validate=sft_validation(model, val_loader, val_loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

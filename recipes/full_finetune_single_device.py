@@ -6,7 +6,9 @@
 ``optimizer_in_backward=true`` applies AdamW to each weight as soon as its gradient is ready and
 frees the gradient (no whole-model gradient in memory; needs gradient_accumulation_steps=1 and no
 clip_grad_norm). Every save writes ``<output_dir>/step_<N>/``: the model as an HF folder and
-``training_state.pt`` for ``resume_from_checkpoint``. The file reads top to bottom: setup, loop, save.
+``training_state.pt`` for ``resume_from_checkpoint``. With ``teacher_model`` / ``teacher_checkpointer``
+(knowledge_distillation_single_device with a plain student builder) a frozen teacher's distributions
+join the loss (docs/distillation.md). The file reads top to bottom: setup, loop, save.
 """
 import logging
 from functools import partial
@@ -15,6 +17,7 @@ from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.checkpointing import cpu_state_dict
+from torchft.training.distillation import with_teacher
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.optim import OptimizerInBackward
 from torchft.training.qat import qat_settings, with_fake_quant_schedule
@@ -40,6 +43,8 @@ def main(cfg: DictConfig) -> None:
     # ------------------------------------------------------------------ setup: model
     if cfg.get("base_model") is not None:  # the quickstart writes its tiny base model here if missing
         instantiate(cfg.base_model)
+    if cfg.get("teacher_base_model") is not None:  # the distillation quickstart's tiny teacher, likewise
+        instantiate(cfg.teacher_base_model)
     qat = qat_settings(cfg.get("qat"))  # quantization-aware training: fake-quantized linears (docs/qat.md)
     checkpointer = instantiate(cfg.checkpointer)
 
@@ -70,7 +75,11 @@ def main(cfg: DictConfig) -> None:
     else:
         optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
-    loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
+    if cfg.get("teacher_model") is not None:  # knowledge distillation: a frozen teacher sharing the tokenizer
+        loss_fn, val_loss_fn = with_teacher(loss_fn, partial(instantiate, cfg.teacher_model),
+                                            instantiate(cfg.teacher_checkpointer), run,
+                                            student_vocab_size=model.args.vocab_size, compile=cfg.compile)
     step = 0
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)
@@ -92,7 +101,7 @@ def main(cfg: DictConfig) -> None:
     train_step = with_fake_quant_schedule(train_step, model, qat, start_step=step)  # qat.fake_quant_after_n_steps
     metric_logger = instantiate(cfg.metric_logger)
     loop = make_loop(run, total_steps, save, metric_logger, start_step=step,
-                     validate=sft_validation(model, val_loader, loss_fn, run),
+                     validate=sft_validation(model, val_loader, val_loss_fn, run),
                      flops_per_token=partial(model_flops_per_token, model.args, full_finetune=True),
                      **{key: cfg[key] for key in LOOP_KEYS if key in cfg})
     # every start check passed: the run writes from here on (the config, an overwritten run's deletion, an

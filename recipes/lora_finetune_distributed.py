@@ -18,7 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
-from torchft.training.distillation import TeacherDistillation, check_same_vocab
+from torchft.training.distillation import with_teacher
 from torchft.training.distributed import init_distributed, per_rank_batch_size
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.metric_logging import MetricLogger
@@ -58,11 +58,6 @@ def main(cfg: DictConfig) -> None:
                                 qat=qat)
     identity = run_identity_checked(RECIPE, model, run)
     log_model(model, run)
-    teacher = None  # knowledge distillation: a frozen teacher (eval mode, no grad) sharing the tokenizer
-    if cfg.get("teacher_model") is not None:
-        teacher = build_sharded_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer),
-                                      run, trainable="none", compile=cfg.compile)
-        check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
 
     # ------------------------------------------------------------------ setup: data (each rank its share)
     tokenizer = instantiate(cfg.tokenizer)
@@ -82,13 +77,16 @@ def main(cfg: DictConfig) -> None:
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
-    if teacher is not None:  # the teacher runs on every micro-batch; validation: the student's cross-entropy
-        loss_fn, val_loss_fn = TeacherDistillation(teacher, loss_fn), loss_fn.cross_entropy()
+    if cfg.get("teacher_model") is not None:  # knowledge distillation: a frozen teacher sharing the tokenizer
+        loss_fn, val_loss_fn = with_teacher(loss_fn, partial(instantiate, cfg.teacher_model),
+                                            instantiate(cfg.teacher_checkpointer), run,
+                                            student_vocab_size=model.args.vocab_size, compile=cfg.compile)
     # a resumed run: adapters and optimizer from the DCP shards, resharded to this world size
     step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=True,
                           global_batch_size=cfg.batch_size)
     save = sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
-                        adapters_only=True, global_batch_size=cfg.batch_size)
+                        adapters_only=True, global_batch_size=cfg.batch_size,
+                        async_save=cfg.get("async_save", False))  # DCP shards written in the background
 
     prompts = list(cfg.get("sample_prompts") or [])  # every rank generates (FSDP2), the main process prints
     if prompts:

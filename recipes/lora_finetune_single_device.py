@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from torchft.config import check_start, instantiate, recipe_main
 from torchft.training.checkpointing import adapter_state_dict_cpu
-from torchft.training.distillation import TeacherDistillation, check_same_vocab
+from torchft.training.distillation import with_teacher
 from torchft.training.estimate import warn_if_over_memory
 from torchft.training.qat import qat_settings, with_fake_quant_schedule
 from torchft.training.samples import print_samples
@@ -52,11 +52,6 @@ def main(cfg: DictConfig) -> None:
                         activation_checkpointing=cfg.enable_activation_checkpointing, compile=cfg.compile,
                         tiled_mlp_tokens=cfg.get("tiled_mlp_tokens"), qat=qat)
     log_model(model, run)
-    teacher = None  # knowledge distillation: a frozen teacher (eval mode, no grad) sharing the tokenizer
-    if cfg.get("teacher_model") is not None:
-        teacher = build_model(partial(instantiate, cfg.teacher_model), instantiate(cfg.teacher_checkpointer), run,
-                              trainable="none", compile=cfg.compile)
-        check_same_vocab(teacher.args.vocab_size, model.args.vocab_size)
 
     # ------------------------------------------------------------------ setup: data
     tokenizer = instantiate(cfg.tokenizer)
@@ -76,8 +71,10 @@ def main(cfg: DictConfig) -> None:
     optimizer = instantiate(cfg.optimizer, trainable_params(model))
     lr_scheduler = instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     loss_fn = val_loss_fn = instantiate(cfg.loss, compile=cfg.compile)
-    if teacher is not None:  # the teacher runs on every micro-batch; validation: the student's cross-entropy
-        loss_fn, val_loss_fn = TeacherDistillation(teacher, loss_fn), loss_fn.cross_entropy()
+    if cfg.get("teacher_model") is not None:  # knowledge distillation: a frozen teacher sharing the tokenizer
+        loss_fn, val_loss_fn = with_teacher(loss_fn, partial(instantiate, cfg.teacher_model),
+                                            instantiate(cfg.teacher_checkpointer), run,
+                                            student_vocab_size=model.args.vocab_size, compile=cfg.compile)
     step = 0
     if resumed is not None:
         step = restore_training_state(resumed, optimizer, lr_scheduler, loader)

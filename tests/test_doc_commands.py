@@ -61,6 +61,8 @@ ALLOWED = {
         "an 8B estimate at 65,536 tokens; tests/recipes/test_long_context.py runs it and checks the table's figures",
     "tune validate --for vllm /tmp/torchft-quickstart/lora/step_500":
         "reads the quickstart's output; tests/checkpoint/test_vllm_check.py runs the check on step folders",
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python':
+        "an optional install that builds llama.cpp from source (minutes); the suite runs the benchmark where it is",
 }
 # The user's own files the docs name: each is replaced by a small valid file made in the test's folder.
 USER_FILES = {"/data/train.jsonl": "train.jsonl", "./my_data.jsonl": "my_data.jsonl"}
@@ -77,6 +79,10 @@ COVERED = {
         "tests/distributed/test_distributed_recipes.py::test_lora_on_2_ranks_matches_one_device_with_the_global_batch",
     "tune run --nproc_per_node 2 full_finetune_distributed --config quickstart/full_distributed":
         "tests/distributed/test_distributed_recipes.py::test_full_finetune_on_2_ranks_matches_one_device",
+    "python benchmarks/bench_gguf_llamacpp.py":  # skipped where llama-cpp-python is not installed
+        "tests/benchmarks/test_bench_gguf_llamacpp.py::test_llamacpp_reads_the_exported_gguf_as_torchft_does",
+    "tune run --nproc_per_node 2 lora_finetune_distributed --config quickstart/lora_distributed async_save=true":
+        "tests/distributed/test_distributed_recipes.py::test_a_background_save_writes_what_a_save_in_line_writes",
 }
 
 # Transcripts that show an error on purpose: the command must fail (exit != 0).

@@ -154,47 +154,56 @@ RECIPES: list[Recipe] = [
         name="knowledge_distillation_single_device",
         file_path="knowledge_distillation_single_device.py",
         supports_distributed=False,
-        configs=_configs("quickstart/kd_single_device", "llama3_2/1B_lora_kd_single_device"),
+        configs=_configs("quickstart/kd_single_device", "quickstart/kd_full_single_device",
+                         "llama3_2/1B_lora_kd_single_device", "llama3_2/3B_lora_kd_single_device"),
     ),
     Recipe(
         name="knowledge_distillation_distributed",
         file_path="knowledge_distillation_distributed.py",
         supports_distributed=True,
-        configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed"),
+        configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed",
+                         "llama3_2/3B_lora_kd_distributed"),
     ),
     Recipe(
         name="lora_dpo_single_device",
         file_path="lora_dpo_single_device.py",
+        optional_keys=("reference",),  # reference: precomputed (docs/preference.md)
         supports_distributed=False,
         configs=_configs(
             "quickstart/lora_dpo_single_device",
             "llama3_2/1B_lora_dpo_single_device",
+            "llama3_2/3B_lora_dpo_single_device",
             "llama3_1/8B_lora_dpo_single_device",
         ),
     ),
     Recipe(
         name="lora_dpo_distributed",
         file_path="lora_dpo_distributed.py",
+        optional_keys=("reference",),  # reference: precomputed (docs/preference.md)
         supports_distributed=True,
         configs=_configs(
             "quickstart/lora_dpo_distributed",
             "llama3_2/1B_lora_dpo",
+            "llama3_2/3B_lora_dpo",
             "llama3_1/8B_lora_dpo",
         ),
     ),
     Recipe(
         name="full_dpo_single_device",
         file_path="full_dpo_single_device.py",
+        optional_keys=("reference",),  # reference: precomputed (docs/preference.md)
         supports_distributed=False,
         configs=_configs("quickstart/full_dpo_single_device"),
     ),
     Recipe(
         name="full_dpo_distributed",
         file_path="full_dpo_distributed.py",
+        optional_keys=("reference",),  # reference: precomputed (docs/preference.md)
         supports_distributed=True,
         configs=_configs(
             "quickstart/full_dpo_distributed",
             "llama3_2/1B_full_dpo",
+            "llama3_2/3B_full_dpo",
             "llama3_1/8B_full_dpo",
         ),
     ),

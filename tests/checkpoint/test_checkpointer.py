@@ -145,8 +145,8 @@ def test_failed_save_leaves_previous_steps_and_nothing_complete_looking(hf_dir, 
     assert not (tmp_path / "export").exists()
 
 
-def test_killed_save_leaves_only_a_hidden_temporary_folder(hf_dir, tmp_path):
-    """A process killed mid-save (no cleanup runs) leaves no step folder."""
+def test_killed_save_leaves_only_a_hidden_temporary_folder(hf_dir, tmp_path, caplog):
+    """A process killed mid-save (no cleanup runs) leaves no step folder; the next save removes what it left."""
     base, _ = hf_dir
     script = textwrap.dedent(f"""
         import os, torch
@@ -168,6 +168,12 @@ def test_killed_save_leaves_only_a_hidden_temporary_folder(hf_dir, tmp_path):
     assert latest_step_dir(tmp_path / "out") is None
     with pytest.raises(FileNotFoundError, match="no step_<N> folder"):
         resolve_resume_dir(True, tmp_path / "out")
+    ckpt = HFCheckpointer(base, tmp_path / "out")
+    with caplog.at_level("WARNING", logger="torchft"):
+        ckpt.save(4, ckpt.load_model_state_dict(), training_state={"step": 4})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["step_4"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed {leftovers[0]} from {tmp_path / 'out'}: the unfinished save of an interrupted run (never resumable)"]
 
 
 def test_adapter_is_saved_in_its_own_folder_next_to_the_weights(hf_dir, tmp_path):

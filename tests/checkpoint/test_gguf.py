@@ -9,6 +9,7 @@ from tests.data.conftest import corpus, llama3_ranks_path, sp_model_path  # noqa
 from tests.models._hf_reference import tiny_hf_llama
 from torchft.checkpoint._io import copy_support_files
 from torchft.checkpoint.hf import load_hf_args
+from torchft.checkpoint.gguf import LOGIT_TOLERANCE as BOUNDS
 from torchft.checkpoint.gguf import export_gguf, llama3_rope_factors
 from torchft.cli import main as cli_main
 from torchft.data import llama2_tokenizer, llama3_tokenizer
@@ -16,8 +17,6 @@ from torchft.data.tokenizers.hf_files import LLAMA2_CHAT_TEMPLATE
 
 gguf = pytest.importorskip("gguf")
 
-# Largest |logit difference| allowed, relative to the largest |logit| (f16/bf16: rounding; q8_0: 8-bit blocks).
-BOUNDS = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
 TEXTS = corpus(20, seed=4) + ["a   b\t\tc\n\n d ", "héllo 日本 🦙", "12345 and 3.14", "It's I'm"]
 
 
@@ -70,6 +69,10 @@ def test_hyperparameters_and_llama3_1_rope_factors(tmp_path, llama3_ranks_path):
     assert field("llama.rope.freq_base") == 500000.0
     assert field("llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.eos_token_id") == ours.eos_id
+    # llama.cpp splits text with the pattern `pre` names and adds BOS only when asked: with "default" or
+    # without add_bos_token, its ids differ from torchft's (benchmarks/bench_gguf_llamacpp.py shows it).
+    assert field("tokenizer.ggml.pre") == "llama-bpe" and field("tokenizer.ggml.add_bos_token") is True
+    assert field("tokenizer.ggml.bos_token_id") == ours.bos_id
     assert "<|start_header_id|>" in field("tokenizer.chat_template")
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" in tensors and "blk.1.ffn_down.weight" in tensors
@@ -205,3 +208,13 @@ def test_adapter_only_refuses_dora_and_q8_0_in_one_line(tmp_path, capsys, llama3
     code, err = tune_export(capsys, "--checkpoint_dir", step, "--adapter-only", "--output", out)
     assert code != 0 and len(err) == 1 and "DoRA adapter has no llama.cpp LoRA form" in err[0]
     assert not out.exists()
+
+
+def test_the_documented_tolerances_are_the_checked_ones():
+    """docs/export.md's table quotes LOGIT_TOLERANCE, the bound this file and the llama.cpp benchmark check."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    quoted = {d: float(p) / 100 for d, p in re.findall(r"^\| `(\w+)` \|.*?at most ([\d.]+)%", page, re.M)}
+    assert quoted == BOUNDS

@@ -71,6 +71,19 @@ def test_tune_run_refuses_more_processes_than_gpus_and_an_indivisible_batch(caps
         assert capsys.readouterr().err.startswith(message)
 
 
+def test_async_save_is_true_or_false_and_only_the_distributed_recipes_take_it(capsys, tmp_path):
+    for config, override, problem in (
+        ("quickstart/lora_distributed", "async_save=1", "async_save (1) must be true or false"),
+        ("quickstart/full_dpo_distributed", "async_save=often", "async_save (often) must be true or false"),
+        # single-device saves are written in line: the key is not theirs
+        ("quickstart/lora_single_device", "+async_save=true", "async_save: unknown key for this recipe"),
+    ):
+        assert cli_main.main(["validate", "--config", config, override, f"output_dir={tmp_path}"]) == 1
+        assert capsys.readouterr().err.splitlines()[1:] == [f"  {problem}"]
+    assert cli_main.main(["validate", "--config", "quickstart/kd_distributed", "async_save=true",
+                          f"output_dir={tmp_path}"]) == 0
+
+
 def test_resume_refuses_a_folder_of_another_model_or_method(tmp_path):
     from torchft.models import from_hf_config
     from torchft.models._llama import LlamaArgs
@@ -133,6 +146,51 @@ def test_each_rank_holds_half_the_weights_and_loads_without_the_full_state_dict_
     leftovers = [p.name for p in (tmp_path / "out").iterdir()]  # rank 0 removes its temporary folder if it can
     assert all(name.startswith(".step_1.tmp-") for name in leftovers), leftovers
     assert latest_step_dir(tmp_path / "out") is None
+
+
+def test_a_background_save_is_renamed_into_place_only_once_written_and_a_sigkill_leaves_the_previous_step_latest(
+        tmp_path):
+    """async_save, with the background writes held on a gate (see _worker.background_saves): the folder stays
+    temporary while held, the state written is that of its step though the next step changed the weights, and
+    a job SIGKILLed while step 2 is held leaves step_1 as `latest`."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.recipes._finetune import make_base
+    from torchft.checkpoint import latest_step_dir, resolve_resume_dir
+
+    base = make_base(tmp_path)
+    out = tmp_path / "out"
+    (out / ".step_0.tmp-abcd").mkdir(parents=True)  # what a killed run's save left: removed by the first save
+    config = tmp_path / "worker.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nmode: async\nbase: {base}\ntimeout_minutes: 1\n")
+    job = subprocess.Popen([*TUNE, "run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--config",
+                            str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    markers = [tmp_path / f"pending_{rank}" for rank in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(marker.exists() for marker in markers) and job.poll() is None:
+            assert time.monotonic() < deadline, "the worker never reached its held save of step 2"
+            time.sleep(0.2)
+        for marker in markers:  # every rank, while step 2's shards are held in the background
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+        _, stderr = job.communicate(timeout=60)  # torchrun sees its ranks killed and ends the job
+    finally:
+        job.kill()  # (a no-op once it has ended)
+    seen = json.loads((tmp_path / "async.json").read_text())
+    assert seen["held_step_1_in_place"] is False  # written in the background: not renamed yet
+    assert len(seen["held_folders"]) == 1 and seen["held_folders"][0].startswith(".step_1.tmp-"), seen
+    assert seen["step_changed_the_state"] and seen["loaded_equals_step_1"], seen  # staged before the step
+    assert seen["finished"] == str(out / "step_1")
+    assert f"removed .step_0.tmp-abcd from {out}: the unfinished save of an interrupted run (never resumable)" \
+        in stderr
+    # killed while held: step 2 is only a temporary folder, holding all but its DCP shards' metadata
+    (unfinished,) = [p for p in out.iterdir() if p.name.startswith(".step_2.tmp-")]
+    assert (unfinished / "training_state.pt").is_file() and not (unfinished / "distributed" / ".metadata").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["step_1"]
+    assert latest_step_dir(out) == resolve_resume_dir("latest", out) == out / "step_1"
 
 
 def test_a_hanging_rank_ends_the_job_after_the_timeout(tmp_path):

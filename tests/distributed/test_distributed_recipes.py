@@ -44,7 +44,8 @@ def base(tmp_path_factory):
 def lora_runs(tmp_path_factory, base, data):
     """LoRA on 2 ranks for 6 steps (1.5 epochs: 4 steps of 2 x 2 batches per epoch), the same on one device,
     and resumes of the 2-rank run: from step_2 at 2 ranks into a copy of its folders (A's later ones marked),
-    from step_4 (an epoch's last step) at 2 ranks, and from step_2 at 1 rank."""
+    from step_4 (an epoch's last step) at 2 ranks, and from step_2 at 1 rank. The 2-rank run and the first
+    resume save with async_save=true (DCP shards written in the background); the other resumes save in line."""
     from torchft._recipes import lora_finetune_single_device
 
     root = tmp_path_factory.mktemp("lora_runs")
@@ -52,12 +53,12 @@ def lora_runs(tmp_path_factory, base, data):
     runs = {name: root / name for name in names}
     six_steps = ["max_steps=6", "checkpointer.keep_last_n=null"]
     first = _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
-                           tiny_overrides(runs["dist"], base, *data, six_steps)))
+                           tiny_overrides(runs["dist"], base, *data, [*six_steps, "async_save=true"])))
     (runs["dist"] / "stdout.log").write_text(first.stdout)
     lora_finetune_single_device.main(tiny_config("lora", runs["single"], base, single_device_overrides(
         [*six_steps, f"validation_dataset.data_files={data[1]}"])))
     resumes = (("resume2", ("step_2", "step_4", "step_6"), "step_2", 2,  # keeps 2 of its saves 3, 4, 5, 6
-                ["checkpointer.keep_last_n=2", "save_every_n_steps=1"]),
+                ["checkpointer.keep_last_n=2", "save_every_n_steps=1", "async_save=true"]),
                ("resume_epoch_end", ("step_4",), "step_4", 2, []),
                ("resume1", ("step_2",), "step_2", 1, []))
     for name, copied, start, nproc, extra in resumes:
@@ -116,6 +117,35 @@ def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(tokens).logits, merged(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def _dcp_state(folder) -> dict:
+    """The DCP shards of a step folder, read back whole on this process, as ``{"model.x.y": value}``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def flat(tree, prefix):
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}.{key}".lstrip(".")).items()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder / "distributed", f"{tmp}/state.pt")
+        return flat(torch.load(f"{tmp}/state.pt", weights_only=False), "")
+
+
+def test_a_background_save_writes_what_a_save_in_line_writes(lora_runs):
+    """The 2-rank run saved in the background (async_save=true); its resume from step_4 saved in line, with the
+    same steps 5 and 6 (bitwise): step_6's adapters and AdamW state read back from DCP are the same, bit for bit."""
+    background, in_line = _dcp_state(lora_runs["dist"] / "step_6"), _dcp_state(lora_runs["resume_epoch_end"] / "step_6")
+    assert sorted(background) == sorted(in_line) and any(".lora_a." in key for key in background)
+    assert sum(isinstance(v, torch.Tensor) and "exp_avg" in k for k, v in background.items()) > 0
+    for key, value in background.items():
+        assert torch.equal(value, in_line[key]) if isinstance(value, torch.Tensor) else value == in_line[key], key
+    stdout = (lora_runs["dist"].parent / "stdout.log").read_text()
+    assert f"step 4: saving (in the background) {lora_runs['dist'] / 'step_4'}" in stdout
+    assert not list(lora_runs["dist"].glob(".step_*"))  # every folder, the last one's too, was put in place
 
 
 # from step_2 (mid-epoch) and from step_4 (an epoch's last step)
@@ -264,9 +294,11 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     from ._launch import TUNE
 
     out = tmp_path / "out"
-    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well
+    # replicas=2 on 2 ranks: HSDP's 2-D mesh (replicated, one shard each), saved through DCP as well, in the
+    # background (async_save): the stop waits for that save and puts its folder in place before it exits
     overrides = tiny_overrides(tmp_path, base, *data, ["max_steps=500", "save_every_n_steps=1000", "replicas=2",
-                                                       "validation_dataset=null", "eval_every_n_steps=null"])
+                                                       "validation_dataset=null", "eval_every_n_steps=null",
+                                                       "async_save=true"])
     args = [*TUNE, "run", "--standalone", "--nproc_per_node", "2", "lora_finetune_distributed", "--config",
             "quickstart/lora_distributed", *overrides]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -282,6 +314,7 @@ def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, dat
     step = int(saved.name.split("_")[1])
     assert 2 <= step < 500 and (saved / "distributed" / ".metadata").is_file()
     assert f"SIGTERM received: saved {saved}" in stderr
+    assert not list(out.glob(".step_*"))  # nothing left under way
 
 
 def test_hsdp_activation_checkpointing_and_tiled_mlp_train_as_the_plain_2_rank_run(lora_runs, base, data, tmp_path):

@@ -52,8 +52,9 @@ def runs(tmp_path_factory):
     shutil.copytree(root / "dist" / "step_2", root / "resumed" / "step_2")
     _run_ok(launch("lora_dpo_distributed", "quickstart/lora_dpo_distributed", _overrides(
         root / "resumed", base, train, val, [f"resume_from_checkpoint={root / 'resumed' / 'step_2'}"])))
+    # the 2-rank full run precomputes its reference log-probs (the single-device one runs the frozen copy)
     _run_ok(launch("full_dpo_distributed", "quickstart/full_dpo_distributed", _overrides(
-        root / "full", base, train, val, ["max_steps=2", "optimizer.lr=1e-3"])))
+        root / "full", base, train, val, ["max_steps=2", "optimizer.lr=1e-3", "+reference=precomputed"])))
     full_dpo_single_device.main(load_config(str(CONFIGS / "full_dpo_single_device.yaml"), _overrides(
         root / "full_single", base, train, val, ["max_steps=2", "optimizer.lr=1e-3"])))
     return root
@@ -93,7 +94,8 @@ def test_resume_mid_run_equals_the_uninterrupted_run(runs):
 def test_full_dpo_on_2_ranks_matches_one_device_from_log_2_where_its_frozen_reference_is_the_policy(runs):
     """The frozen reference copy is the input model: at step 0 it equals the policy (and the LoRA run's
     adapters-disabled reference), so the first loss is log 2 and the validation metrics are the LoRA run's;
-    2 ranks then train as one device."""
+    2 ranks then train as one device. The 2 ranks precompute the reference log-probs (each rank its batches of
+    pairs, the validation tail's masked copy left out), the single device runs the frozen copy every step."""
     full, single, lora = _metrics(runs / "full"), _metrics(runs / "full_single"), _metrics(runs / "single")
     full_val, single_val = _metrics(runs / "full", "val_"), _metrics(runs / "full_single", "val_")
     lora_val = _metrics(runs / "single", "val_")

@@ -3,6 +3,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchft.config import load_config
 from torchft.training.quickstart import tiny_base_model
@@ -33,9 +34,12 @@ def models(tmp_path_factory):
     return teacher, student, make_data(root, train_rows=64)
 
 
-def kd_config(out: Path, models, overrides=()):
+FULL_STUDENT = str(ROOT / "recipes" / "configs" / "quickstart" / "kd_full_single_device.yaml")
+
+
+def kd_config(out: Path, models, overrides=(), config: str = QUICKSTART):
     teacher, student, (train, val) = models
-    return load_config(QUICKSTART, [
+    return load_config(config, [
         "~base_model", "~teacher_base_model", f"output_dir={out}",
         f"checkpointer.checkpoint_dir={student}", f"teacher_checkpointer.checkpoint_dir={teacher}",
         "dataset.source=json", f"dataset.data_files={train}",
@@ -102,3 +106,58 @@ def _recording(built):
         init(self, teacher, kd_loss)
         built.append(teacher)
     return record
+
+
+def test_a_full_student_distils_every_weight_and_kd_ratio_0_is_plain_full_fine_tuning(tmp_path, models):
+    """A plain student builder runs full_finetune_single_device underneath: the KL on the teacher's outputs
+    falls, every weight moves, the step folder has no adapter, a resume from step 4 continues exactly; with
+    kd_ratio=0 the losses are full SFT's."""
+    from torchft._recipes import full_finetune_single_device
+
+    from torchft.checkpoint import load_hf_checkpoint
+
+    recipe, student = _recipe(), models[1]
+    kd = ["max_steps=8", "loss.kd_ratio=1.0", "optimizer.lr=3e-3", "save_every_n_steps=4", "validation_dataset=null"]
+    recipe.main(kd_config(tmp_path / "kd", models, kd, FULL_STUDENT))
+    recipe.main(kd_config(tmp_path / "resumed", models, [*kd, f"resume_from_checkpoint={tmp_path / 'kd' / 'step_4'}"],
+                          FULL_STUDENT))
+    losses, resumed = train_losses(tmp_path / "kd"), train_losses(tmp_path / "resumed")
+    assert resumed == {s: losses[s] for s in (5, 6, 7, 8)}  # a resumed full student continues exactly
+    assert (losses[7] + losses[8]) / 2 < 0.8 * (losses[1] + losses[2]) / 2, losses
+    trained, initial = load_hf_checkpoint(tmp_path / "kd" / "step_8"), load_hf_checkpoint(student)
+    assert not (tmp_path / "kd" / "step_8" / "adapter").exists() and sorted(trained) == sorted(initial)
+    assert all(not torch.equal(trained[k], initial[k]) for k in trained if "norm" not in k)  # every weight trained
+    assert all(torch.equal(trained[k], v) for k, v in load_hf_checkpoint(tmp_path / "resumed" / "step_8").items())
+
+    common = ["max_steps=3", "loss.kd_ratio=0.0", "validation_dataset=null"]
+    recipe.main(kd_config(tmp_path / "kd0", models, common, FULL_STUDENT))
+    full_finetune_single_device.main(kd_config(tmp_path / "sft", models, [
+        *common, "~teacher_model", "~teacher_checkpointer", "~loss.kd_ratio", "~loss.temperature",
+        "loss._component_=torchft.modules.loss.ChunkedCrossEntropy"], FULL_STUDENT))
+    kd0, sft = train_losses(tmp_path / "kd0"), train_losses(tmp_path / "sft")
+    assert list(kd0) == [1, 2, 3] and all(kd0[s] == pytest.approx(sft[s], abs=1e-6) for s in kd0), (kd0, sft)
+
+
+def test_a_non_finite_kd_loss_stops_the_run_at_the_last_good_checkpoint(tmp_path, models, monkeypatch):
+    """As in the SFT recipes: step 3's loss is nan (the teacher's weights turned nan), the run stops naming
+    step_2 as the last good checkpoint, and writes no later folder; step_2's weights are finite."""
+    from torchft.checkpoint import load_hf_checkpoint
+    from torchft.training import distillation
+    from torchft.training.steps import NonFiniteLossError
+
+    real_call, calls = distillation.TeacherDistillation.__call__, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third micro-batch, step 3: the teacher blows up
+            with torch.no_grad():
+                next(self.teacher.parameters()).fill_(float("nan"))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(distillation.TeacherDistillation, "__call__", poisoned)
+    stop = r"loss is nan at step 3: training stopped .* last good checkpoint is .*step_2"
+    with pytest.raises(NonFiniteLossError, match=stop):
+        _recipe().main(kd_config(tmp_path / "out", models, ["max_steps=5", "save_every_n_steps=2",
+                                                            "validation_dataset=null"], FULL_STUDENT))
+    assert sorted(p.name for p in (tmp_path / "out").glob("step_*")) == ["step_2"]
+    assert all(torch.isfinite(w).all() for w in load_hf_checkpoint(tmp_path / "out" / "step_2").values())

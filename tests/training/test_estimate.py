@@ -438,3 +438,6 @@ def test_distributed_dpo_estimates_count_the_full_reference_copy_and_no_lora_one
     assert lora.breakdown["saved_activations"] == pytest.approx(sft.breakdown["saved_activations"], rel=1e-2)
     simpo = estimate("full_dpo_distributed", "batch_size=2", "loss.loss_type=simpo")
     assert "reference_weights" not in simpo.breakdown  # reference-free: no copy
+    precomputed = estimate("full_dpo_distributed", "batch_size=2", "+reference=precomputed")
+    assert "reference_weights" not in precomputed.breakdown  # the copy is freed before the first step
+    assert precomputed.peak_bytes == pytest.approx(full.peak_bytes - full.breakdown["reference_weights"], rel=1e-3)

@@ -99,6 +99,40 @@ def test_sigterm_during_a_step_saves_that_step_then_exits():
     assert stopped.value.code == 128 + signal.SIGTERM and saves == [2]
 
 
+def test_a_save_finished_in_the_background_completes_before_the_run_ends_however_it_ends(caplog):
+    """``finish_save`` (async_save): called after the last save, before a stop names its checkpoint, and when
+    an error ends the run (then its own failure is logged, and the error that ended the run is raised)."""
+    caplog.set_level("WARNING", logger="torchft")
+    finished = []  # (step, warnings logged so far) at each call
+    finish = lambda: finished.append((loop.step, len(caplog.records)))
+
+    loop = make_loop(Recorder(), [], finish_save=finish)
+    loop.run(batches(), fixed_step)
+    assert finished == [(7, 0)]  # once, at the end: each save finishes the one before it itself
+
+    finished.clear()
+    loop = make_loop(Recorder(), [], finish_save=finish, any_rank=lambda local: loop.step == 2)
+    with pytest.raises(SystemExit):
+        loop.run(batches(), fixed_step)
+    assert finished == [(2, 0)]  # finished before the stop's message names the folder
+    assert "saved out/step_2; continue with resume_from_checkpoint=out/step_2" in caplog.records[-1].getMessage()
+
+    def failing_step(micro_batches, step):
+        if step == 5:
+            raise ValueError("bad batch")
+        return fixed_step(micro_batches, step)
+
+    def failing_finish():
+        raise OSError("No space left on device")
+
+    caplog.clear()
+    loop = make_loop(Recorder(), [], finish_save=failing_finish)
+    with pytest.raises(ValueError, match="bad batch"):
+        loop.run(batches(), failing_step)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the save under way when the run ended did not complete: No space left on device"]
+
+
 def test_tokens_per_second_and_mfu_count_all_tokens_with_target_tokens_beside(monkeypatch):
     from torchft.training import throughput
 

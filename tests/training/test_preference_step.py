@@ -67,3 +67,26 @@ def test_a_masked_tail_pair_counts_nothing_in_the_loss_metrics_or_gradients(loss
     for name in plain.metrics:
         assert float(padded.metrics[name]) == pytest.approx(float(plain.metrics[name]), abs=1e-6)
     assert all(torch.allclose(weights[k], padded_weights[k], atol=1e-6) for k in weights)
+
+
+def test_precomputed_reference_tables_look_up_what_the_reference_gives_each_batch():
+    """The LoRA reference (adapters disabled) run once over a dataset, then looked up by the pairs' indices in
+    any order and batch; a rank's masked tail copy (MaskedTailPadding) neither fills nor overwrites a row."""
+    from torchft.data.dataloader import MaskedTailPadding, build_dataloader
+    from torchft.training.preference import precompute_reference
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"index": i, **_pair(i)}
+
+    policy, _ = _policy_and_base()
+    loss_fn = PreferenceLoss(chunk_tokens=5)
+    reference = adapters_disabled_reference(policy, loss_fn)
+    loader = build_dataloader(MaskedTailPadding(Pairs(), 3), 2, collate_fn=preference_collate, shuffle=False)
+    table = precompute_reference(reference, loader, torch.device("cpu"))
+    batch = preference_collate([Pairs()[i] for i in (4, 0, 3)])  # another order and batch size; 0 was copied
+    assert torch.allclose(table(batch), reference(batch), atol=1e-5)
+    assert not torch.allclose(table(batch), frozen_reference(policy, loss_fn, batch), atol=1e-3)  # adapters on

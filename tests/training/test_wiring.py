@@ -93,3 +93,22 @@ def test_training_reaches_only_the_public_names_of_torchft_checkpoint():
     uses = [f"{path.name}:{n}" for path in Path(torchft.training.__file__).parent.glob("*.py")
             for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert uses == []
+
+
+def test_the_model_node_says_whether_adapters_train():
+    """What the DPO and KD recipes read to train adapters or every weight: the builder, or LoRA targets."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from torchft.training.wiring import builds_adapters
+
+    assert builds_adapters({"_component_": "torchft.models.llama3_2.lora_llama3_2_1b"})
+    assert builds_adapters({"_component_": "torchft.models.llama3_2.qlora_llama3_2_1b", "lora_attn_modules": []})
+    assert not builds_adapters({"_component_": "torchft.models.llama3_2.llama3_2_1b"})
+    hf = {"_component_": "torchft.models.from_hf_config", "path_or_dict": "/x"}
+    assert not builds_adapters(hf) and not builds_adapters({**hf, "lora_attn_modules": []})
+    assert builds_adapters({**hf, "lora_attn_modules": ["q_proj"]}) and builds_adapters({**hf, "apply_lora_to_mlp": True})
+    configs = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+    for path in configs.glob("*/*dpo*.yaml"):  # every shipped DPO config trains what its name says
+        assert builds_adapters(OmegaConf.load(path).model) == ("lora_dpo" in path.name), path

@@ -121,14 +121,21 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise NotADirectoryError(f"{target}: output path exists and is not a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target}: output folder exists and is not empty (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temporary_sibling(target)
     try:
         yield tmp
         commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def temporary_sibling(target: str | os.PathLike) -> Path:
+    """A new empty folder ``.<target name>.tmp-XXXX`` beside ``target`` (hidden: never taken for a step
+    folder), to be renamed to ``target`` by ``commit_directory`` once complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
 def commit_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:

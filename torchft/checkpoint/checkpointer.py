@@ -14,7 +14,8 @@ weights read again from ``checkpoint_dir`` (``merge_onto="checkpoint"``, the def
 model's own base weights (``merge_onto="model"``: for QLoRA, the dequantized NF4 weights).
 
 Every step folder is written to a hidden temporary folder and renamed into place, so a folder named
-``step_<N>`` is always complete; older folders are pruned only after the new one is in place.
+``step_<N>`` is always complete; older folders are pruned only after the new one is in place. A
+temporary folder that a killed save left behind is removed when the next save starts.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ log = logging.getLogger("torchft")
 TRAINING_STATE_FILE = "training_state.pt"
 REPO_ID_FILE = ".torchft_repo_id"  # written by `tune download` next to the files it fetched
 _STEP_DIR = re.compile(r"step_(\d+)")
+_UNFINISHED_STEP_DIR = re.compile(r"\.step_\d+\.tmp-.+")  # atomic_directory's temporary name for step_<N>
 MERGE_ONTO = ("checkpoint", "model")
 
 # Adapter recipes write the PEFT adapter into ``step_<N>/adapter/``, not beside the merged weights:
@@ -82,6 +84,25 @@ def latest_step_dir(output_dir: str | os.PathLike, *, require_training_state: bo
         if not require_training_state or (path / TRAINING_STATE_FILE).is_file():
             return path
     return None
+
+
+def remove_unfinished_saves(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the temporary folders (``.step_<N>.tmp-*``) that a killed save left in ``output_dir``.
+
+    Called before a save starts, when no save of this run is under way: such a folder can only be the
+    unfinished save of an earlier process (``latest`` and pruning never see it). Logs one line; returns
+    the names removed.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    unfinished = sorted(p for p in output_dir.iterdir() if _UNFINISHED_STEP_DIR.fullmatch(p.name) and p.is_dir())
+    for path in unfinished:
+        shutil.rmtree(path, ignore_errors=True)
+    if unfinished:
+        log.warning("removed %s from %s: the unfinished save of an interrupted run (never resumable)",
+                    ", ".join(p.name for p in unfinished), output_dir)
+    return [p.name for p in unfinished]
 
 
 def set_aside_later_steps(output_dir: str | os.PathLike, step: int) -> Path | None:
@@ -239,6 +260,7 @@ class _StepCheckpointer:
         step folders beyond ``keep_last_n`` are removed.
         """
         target = self.step_dir(step)
+        remove_unfinished_saves(self.output_dir)
         with atomic_directory(target, overwrite=True) as tmp:
             if isinstance(model_state_dict, torch.nn.Module):
                 self._write_model(self.model_weights(model_state_dict), tmp)

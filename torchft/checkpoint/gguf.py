@@ -21,6 +21,10 @@ import torch
 from torchft.checkpoint._io import atomic_file, require_dir
 
 DTYPES = ("f16", "bf16", "q8_0")
+# Largest |logit difference| between an export and its source model, relative to the largest |logit|
+# (f16/bf16: rounding; q8_0: 8-bit blocks). docs/export.md's table; tests/checkpoint/test_gguf.py checks it
+# with transformers, benchmarks/bench_gguf_llamacpp.py with llama.cpp.
+LOGIT_TOLERANCE = {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
 
 # torchft key (after "layers.N.") -> llama.cpp tensor name (after "blk.N.").
 _LAYER_NAMES = {
@@ -171,4 +175,4 @@ def export_gguf(checkpoint_dir: str | os.PathLike, output: str | os.PathLike, dt
     return output
 
 
-__all__ = ["DTYPES", "export_gguf", "gguf_tensor_name", "interleave_rotary", "llama3_rope_factors"]
+__all__ = ["DTYPES", "LOGIT_TOLERANCE", "export_gguf", "gguf_tensor_name", "interleave_rotary", "llama3_rope_factors"]

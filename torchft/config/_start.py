@@ -10,7 +10,7 @@ Each check runs when the config has its key:
   from max_steps/epochs; remove it``);
 - ``batch_size`` and ``gradient_accumulation_steps`` are positive integers; ``max_steps`` (a positive
   integer) or ``epochs`` (a number > 0) is set; ``optimizer_in_backward=true`` needs
-  ``gradient_accumulation_steps=1`` and ``clip_grad_norm=null``;
+  ``gradient_accumulation_steps=1`` and ``clip_grad_norm=null``; ``async_save`` is true or false;
 - a dataset (``dataset``, ``*_dataset``) read from local files has its ``data_files``, and they exist;
 - ``output_dir`` can be written; a fresh run (``resume_from_checkpoint: null``) refuses an
   ``output_dir`` holding step folders unless ``overwrite_output_dir=true``; a resumed run's folder exists.
@@ -105,7 +105,7 @@ def setting_problems(cfg: DictConfig) -> list[str]:
     from torchft.training.setup import positive_int_problem, run_length_problems
 
     read = {key: _read(cfg, key) for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs",
-                                             "optimizer_in_backward", "clip_grad_norm") if key in cfg}
+                                             "optimizer_in_backward", "clip_grad_norm", "async_save") if key in cfg}
     problems = [positive_int_problem(key, read[key]) for key in ("batch_size", "gradient_accumulation_steps")
                 if key in read and read[key] is not _UNREADABLE]
     length = (read.get("max_steps"), read.get("epochs"))
@@ -115,6 +115,9 @@ def setting_problems(cfg: DictConfig) -> list[str]:
                                                       or read.get("clip_grad_norm") is not None):
         problems.append("optimizer_in_backward=true needs gradient_accumulation_steps=1 and clip_grad_norm=null "
                         "(each weight is updated before the other gradients exist)")
+    async_save = read.get("async_save", False)
+    if async_save is not _UNREADABLE and not isinstance(async_save, bool):
+        problems.append(f"async_save ({async_save}) must be true or false")
     return [problem for problem in problems if problem]
 
 

@@ -21,7 +21,7 @@ Truncation (``max_seq_len``, from the dataset or the tokenizer), applied to each
    one is better; a cut answer loses its end-of-turn token).
 
 A sample is ``{"chosen_tokens", "chosen_labels", "rejected_tokens", "rejected_labels"}`` (lists of ints,
-labels aligned with the tokens as in :mod:`torchft.data.datasets`). :func:`preference_collate` stacks a
+labels aligned with the tokens as in :mod:`torchft.data.datasets`) and ``index``, its place in the dataset. :func:`preference_collate` stacks a
 batch of ``b`` pairs as ``2b`` rows, the chosen answers first.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return len(self.stores["chosen"])
 
     def __getitem__(self, i: int) -> dict:
-        sample = {}
+        sample = {"index": i}  # the pair's place in the dataset: precomputed reference log-probs are keyed by it
         for side in _SIDES:
             tokens, labels = self.stores[side].sample(i)
             sample[f"{side}_tokens"], sample[f"{side}_labels"] = tokens.tolist(), labels.tolist()
@@ -173,5 +173,7 @@ def preference_collate(batch: list[dict], pad_id: int = 0, ignore_index: int = I
     (both answers have a target token; a rank's masked tail copies count nothing)."""
     rows = [{"tokens": s[f"{side}_tokens"], "labels": s[f"{side}_labels"]} for side in _SIDES for s in batch]
     out = padded_collate(rows, pad_id=pad_id, ignore_index=ignore_index)
+    if all("index" in s for s in batch):
+        out["index"] = torch.tensor([s["index"] for s in batch])  # [b] the pairs' places in their dataset
     out["num_pairs"] = sum(all(any(t != ignore_index for t in s[f"{side}_labels"]) for side in _SIDES) for s in batch)
     return out

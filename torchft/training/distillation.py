@@ -33,3 +33,17 @@ class TeacherDistillation:
             teacher_hidden = self.teacher.hidden_states(batch["tokens"], mask=batch.get("mask"),
                                                         input_pos=batch.get("input_pos"))
         return self.kd_loss(hidden, targets, output_fn, params, teacher_hidden, self.teacher.output)
+
+
+def with_teacher(loss_fn: ChunkedDistillationLoss, build_teacher, teacher_checkpointer, run, *,
+                 student_vocab_size: int, compile: bool = False):
+    """``(loss_fn, val_loss_fn)`` of a distillation run, for the SFT recipes (LoRA or full student, one
+    device or many): the frozen teacher ``build_teacher()`` makes, loaded from ``teacher_checkpointer`` (sharded
+    per decoder layer under torchrun) and refused unless it shares the student's vocabulary, runs on every
+    micro-batch of the train loss; the validation loss is the student's plain cross-entropy."""
+    from torchft.training.wiring import build_model, build_sharded_model
+
+    build = build_model if run.env is None else build_sharded_model
+    teacher = build(build_teacher, teacher_checkpointer, run, trainable="none", compile=compile)
+    check_same_vocab(teacher.args.vocab_size, student_vocab_size)
+    return TeacherDistillation(teacher, loss_fn), loss_fn.cross_entropy()

@@ -54,6 +54,7 @@ class DistributedEnv:
     device: torch.device
     mesh: object  # torch.distributed.device_mesh.DeviceMesh
     cpu_group: object = None  # torch.distributed.ProcessGroup
+    timeout: datetime.timedelta | None = None  # of every collective (the config's timeout_minutes)
 
     @property
     def is_main_process(self) -> bool:
@@ -102,9 +103,9 @@ def init_distributed(device: str = "cuda", *, timeout_minutes: float = 10.0, rep
     else:
         mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
     # NCCL reduces GPU tensors only: the per-step stop decision goes over gloo, so it never waits for the GPU
-    cpu_group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
-                 if backend == "nccl" else None)
-    return DistributedEnv(rank, world_size, local_rank, dev, mesh, cpu_group)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return DistributedEnv(rank, world_size, local_rank, dev, mesh, cpu_group, timeout)
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:

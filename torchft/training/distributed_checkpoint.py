@@ -14,13 +14,16 @@ sharded training state:
 
 Rank 0 creates a hidden temporary folder, every rank writes into it, and rank 0 renames it into place
 after all have finished: a save cut short leaves only ``.step_<N>.tmp-*``, which
-``resume_from_checkpoint=latest`` never picks. DCP reshards on load, so a run resumes at any world
-size (the global batch stays the same, so the data position carries over).
+``resume_from_checkpoint=latest`` never picks (and the next save removes). DCP reshards on load, so a
+run resumes at any world size (the global batch stays the same, so the data position carries over).
+With ``async_save`` (:class:`BackgroundSaves`) the ``distributed/`` shards are written in the
+background while training goes on, and the folder keeps its temporary name until they are complete.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -32,6 +35,7 @@ from torch import nn
 
 from torchft.training.distributed import full_tensor
 
+log = logging.getLogger("torchft")
 DCP_DIR = "distributed"
 
 
@@ -43,20 +47,33 @@ def _broadcast(value):
     return box[0]
 
 
+def shared_temporary_folder(target: Path, is_main: bool) -> Path:
+    """The hidden temporary folder of ``target`` that every rank writes into, made by rank 0 (a collective);
+    rank 0 first removes what an interrupted run's save left (no save of this run is under way)."""
+    from torchft.checkpoint._io import temporary_sibling
+    from torchft.checkpoint.checkpointer import remove_unfinished_saves
+
+    if is_main:
+        remove_unfinished_saves(target.parent)
+        return Path(_broadcast(str(temporary_sibling(target))))
+    return Path(_broadcast(None))
+
+
 @contextlib.contextmanager
 def shared_atomic_directory(target: Path, is_main: bool):
     """A temporary folder every rank writes into; rank 0 renames it to ``target`` once all are done."""
-    from torchft.checkpoint import atomic_directory
+    from torchft.checkpoint._io import commit_directory
 
-    if is_main:
-        with atomic_directory(target, overwrite=True) as tmp:
-            _broadcast(str(tmp))
-            yield tmp
-            dist.barrier()  # every rank has written its part before the rename
-    else:
-        tmp = Path(_broadcast(None))
+    tmp = shared_temporary_folder(target, is_main)
+    try:
         yield tmp
-        dist.barrier()
+        dist.barrier()  # every rank has written its part before the rename
+        if is_main:
+            commit_directory(tmp, target)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -230,39 +247,111 @@ def _short(value) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
+class BackgroundSaves:
+    """The ``distributed/`` shards of each step folder written in a background thread (``async_save``).
+
+    ``dcp.async_save`` copies the state to new CPU memory before it returns (its default stager
+    copies every tensor, CPU ones and the local shards of DTensors included: torch 2.13), so the
+    training step that follows may change the weights and the optimizer state while the copy is
+    written. The writes and DCP's collectives go over a gloo group of their own, beside the training's.
+    ``finish`` waits for the save under way; rank 0 then renames its folder into place. That needs no
+    barrier: DCP's last step gathers every rank's write results on rank 0, which writes ``.metadata``,
+    and a rank's future succeeds only after that, so rank 0's success means every rank's shards are
+    written. Until then the folder keeps its hidden temporary name: a run killed meanwhile leaves
+    nothing that ``resume_from_checkpoint=latest`` picks.
+    """
+
+    def __init__(self, timeout=None):
+        self.group = dist.new_group(backend="gloo", timeout=timeout)  # a collective: every rank, once
+        self._pending = None  # (future, temporary folder, step folder, checkpointer, is_main)
+
+    def start(self, state: Mapping, tmp: Path, target: Path, checkpointer, is_main: bool) -> None:
+        """Copy ``state`` to CPU memory and write it as DCP shards into ``tmp/distributed`` in the background."""
+        import torch.distributed.checkpoint as dcp
+
+        if self._pending is not None:
+            raise RuntimeError("a background save is still under way: finish() it first")
+        future = dcp.async_save(state, checkpoint_id=str(tmp / DCP_DIR), process_group=self.group)
+        self._pending = (future, tmp, target, checkpointer, is_main)
+
+    def finish(self) -> Path | None:
+        """Wait for the save under way (on every rank), then rank 0 renames its folder into place and prunes
+        the oldest beyond ``keep_last_n``; returns the step folder (None when no save was under way). A
+        save that failed on any rank raises here, and its temporary folder is deleted. No rank waits for
+        another (so a rank whose own error ends the run can call it): the other ranks may return before
+        rank 0 has renamed the folder."""
+        from torchft.checkpoint._io import commit_directory
+
+        if self._pending is None:
+            return None
+        future, tmp, target, checkpointer, is_main = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except BaseException:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if is_main:
+            commit_directory(tmp, target)
+            checkpointer.prune(keep=target)
+            log.info("saved %s (written in the background)", target)
+        return target
+
+
 def save_sharded_step(step: int, checkpointer, model: nn.Module, optimizer, recipe_state: Mapping, *,
-                      adapters_only: bool, is_main: bool) -> Path:
+                      adapters_only: bool, is_main: bool, background: BackgroundSaves | None = None) -> Path:
     """Write ``step_<step>/`` (see the module docstring) from every rank; returns its path.
 
     ``checkpointer``: the run's ``HFCheckpointer`` (input folder, config, shard size, ``keep_last_n``).
     ``recipe_state``: the small picklable state rank 0 saves in ``training_state.pt``.
+    ``background``: write the DCP shards in the background: the previous save is finished first, the
+    exports are written now, and ``background.finish()`` renames the folder into place (see
+    :class:`BackgroundSaves`).
     """
+    target = checkpointer.step_dir(step)
+    if background is None:
+        with shared_atomic_directory(target, is_main) as tmp:
+            save_trainable_state(model, optimizer, tmp / DCP_DIR, adapters_only)
+            _write_exports(tmp, checkpointer, model, recipe_state, adapters_only=adapters_only, is_main=is_main)
+        if is_main:
+            checkpointer.prune(keep=target)
+        return target
+    background.finish()
+    tmp = shared_temporary_folder(target, is_main)
+    try:
+        _write_exports(tmp, checkpointer, model, recipe_state, adapters_only=adapters_only, is_main=is_main)
+        background.start(_trainable_state(model, optimizer, adapters_only)[0], tmp, target, checkpointer, is_main)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_exports(tmp: Path, checkpointer, model: nn.Module, recipe_state: Mapping, *, adapters_only: bool,
+                   is_main: bool) -> None:
+    """Everything of a step folder but ``distributed/``: the merged HF model (every rank its rows), and from
+    rank 0 ``config.json``, the tokenizer files, ``adapter/`` and ``training_state.pt`` (a collective)."""
     from torchft.checkpoint.checkpointer import ADAPTER_DIR, TRAINING_STATE_FILE
     from torchft.checkpoint.hf import CONFIG_FILE
     from torchft.checkpoint.peft import save_peft_adapter
     from torchft.checkpoint import copy_support_files
     from torchft.modules.peft import get_adapter_params
 
-    target = checkpointer.step_dir(step)
-    with shared_atomic_directory(target, is_main) as tmp:
-        save_trainable_state(model, optimizer, tmp / DCP_DIR, adapters_only)
-        # adapters merge onto the checkpoint's own weights (memory-mapped, this rank's rows read), unless
-        # checkpointer.merge_onto is "model" (QLoRA: onto the dequantized NF4 weights)
-        onto_checkpoint = adapters_only and checkpointer.merge_onto == "checkpoint"
-        base = checkpointer.load_model_state_dict() if onto_checkpoint else None
-        write_merged_hf(model, tmp, checkpointer.max_shard_size, base)
-        adapters = {name: full_tensor(p.detach()).cpu() for name, p in get_adapter_params(model).items()}
-        if is_main:
-            (tmp / CONFIG_FILE).write_text(json.dumps(checkpointer.hf_config, indent=2, sort_keys=True) + "\n")
-            copy_support_files(checkpointer.checkpoint_dir, tmp)
-            if adapters:
-                base = checkpointer.base_model_name_or_path or str(checkpointer.checkpoint_dir.resolve())
-                save_peft_adapter(model, tmp / ADAPTER_DIR, base_model_name_or_path=base,
-                                  adapter_state_dict=adapters)
-            torch.save(dict(recipe_state), tmp / TRAINING_STATE_FILE)
+    # adapters merge onto the checkpoint's own weights (memory-mapped, this rank's rows read), unless
+    # checkpointer.merge_onto is "model" (QLoRA: onto the dequantized NF4 weights)
+    onto_checkpoint = adapters_only and checkpointer.merge_onto == "checkpoint"
+    base = checkpointer.load_model_state_dict() if onto_checkpoint else None
+    write_merged_hf(model, tmp, checkpointer.max_shard_size, base)
+    adapters = {name: full_tensor(p.detach()).cpu() for name, p in get_adapter_params(model).items()}
     if is_main:
-        checkpointer.prune(keep=target)
-    return target
+        (tmp / CONFIG_FILE).write_text(json.dumps(checkpointer.hf_config, indent=2, sort_keys=True) + "\n")
+        copy_support_files(checkpointer.checkpoint_dir, tmp)
+        if adapters:
+            base = checkpointer.base_model_name_or_path or str(checkpointer.checkpoint_dir.resolve())
+            save_peft_adapter(model, tmp / ADAPTER_DIR, base_model_name_or_path=base, adapter_state_dict=adapters)
+        torch.save(dict(recipe_state), tmp / TRAINING_STATE_FILE)
 
 
 def recipe_state(step: int, lr_scheduler, loader, run: Mapping, global_batch_size: int) -> dict:

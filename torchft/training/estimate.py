@@ -309,7 +309,8 @@ def estimate_memory(config, overrides: Sequence[str] = (), *, nproc_per_node: in
         estimate.settings["batch_size_per_rank"] = local_batch
         estimate = fsdp_per_rank(estimate, model, nproc_per_node, cpu_offload=bool(cfg.get("cpu_offload", False)),
                                  reduce_dtype=torch.float32 if cfg.get("fp32_reduce", False) else None)
-    if preference and instantiate(cfg.loss).needs_reference:
+    # reference: precomputed frees the frozen copy before the first step (training then peaks without it)
+    if preference and instantiate(cfg.loss).needs_reference and cfg.get("reference", "model") != "precomputed":
         estimate = with_reference_weights(estimate, model, nproc_per_node)
     return with_cublas_workspaces(estimate)
 

@@ -38,6 +38,9 @@ non-finite check stop every rank at the same step.
 ``any_rank`` turns this rank's "stop requested" into the same decision on every rank; it is called
 every step, so it must not wait for the device (e.g. an all-reduce MAX of a CPU flag on a gloo
 group, :func:`torchft.training.distributed.any_rank`); without it the local flag decides.
+A ``save`` whose folder is finished in the background (the distributed recipes' ``async_save``) comes
+with ``finish_save``: the loop calls it after the last save, before a stop names the folder saved, and
+when an error ends the run, so no save under way is lost at the end of a run.
 Throughput metrics are global (``tokens_per_s`` of all ranks together); ``mfu`` divides the global
 FLOP/s by ``world_size`` devices' peak, so it is the utilisation of each GPU.
 """
@@ -83,6 +86,9 @@ class TrainingLoop:
             step: it must not read from the device).
         world_size: devices that train together, for the per-device MFU (None: the process group's
             size, 1 without one).
+        finish_save: for a ``save`` that returns while its folder is still being written (in the
+            background): ``finish_save()`` waits for it and puts the folder in place. The loop calls it
+            before the run ends or names a checkpoint in a message, and when an error ends the run.
     """
 
     def __init__(self, total_steps: int, save: Callable[[int], str], metric_logger, device: torch.device, *,
@@ -90,7 +96,8 @@ class TrainingLoop:
                  log_every_n_steps: int | None = 1, eval_every_n_steps: int | None = None,
                  validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  last_checkpoint=None, progress_bar: bool = True, is_main_process: bool = True,
-                 any_rank: Callable[[bool], bool] | None = None, world_size: int | None = None):
+                 any_rank: Callable[[bool], bool] | None = None, world_size: int | None = None,
+                 finish_save: Callable[[], object] | None = None):
         check_resume_step(start_step, total_steps)
         self.total_steps, self.save, self.metric_logger = total_steps, save, metric_logger
         self.device = torch.device(device)
@@ -104,6 +111,7 @@ class TrainingLoop:
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.world_size = world_size
+        self.finish_save = finish_save
         self._show_progress = progress_bar and is_main_process
 
     # ------------------------------------------------------------------ cadences
@@ -173,44 +181,62 @@ class TrainingLoop:
         stopping = False
         reset_peak_memory(self.device)
         with StopRequested() as stop:
-            while self.step < self.total_steps:
-                micro_batches = [to_device(b, self.device) for b in next(steps)]
-                self.step += 1
-                step = self.step
-                logging_step = self._every(step, self.log_every)
-                # the LR this step trains with: train_step steps the schedule to the next step's
-                step_lr = lr() if logging_step and lr is not None else float("nan")
-                timer.start()
-                try:
-                    result = train_step(micro_batches, step)
-                except torch.OutOfMemoryError as err:
-                    raise MemoryError(out_of_memory_message(step, micro_batches[0])) from err
-                timer.stop()
-                watch.update(step, result)  # on the device: no sync
+            try:
+                while self.step < self.total_steps:
+                    micro_batches = [to_device(b, self.device) for b in next(steps)]
+                    self.step += 1
+                    step = self.step
+                    logging_step = self._every(step, self.log_every)
+                    # the LR this step trains with: train_step steps the schedule to the next step's
+                    step_lr = lr() if logging_step and lr is not None else float("nan")
+                    timer.start()
+                    try:
+                        result = train_step(micro_batches, step)
+                    except torch.OutOfMemoryError as err:
+                        raise MemoryError(out_of_memory_message(step, micro_batches[0])) from err
+                    timer.stop()
+                    watch.update(step, result)  # on the device: no sync
 
-                if logging_step:  # read back: metrics, then the non-finite check
-                    metrics = self._step_metrics(result, timer.seconds(), micro_batches[0]["tokens"].shape[1],
-                                                 step_lr)
-                    watch.check(self.last_checkpoint)
-                    self._log(metrics, step)
-                    progress.update(metrics)
-                    reset_peak_memory(self.device)  # the next logged peak is that of the steps since this one
-                else:
-                    progress.update()
-                if self.validate is not None and (self._is_last(step) or self._every(step, self.eval_every)):
-                    self._validate(step, progress)
+                    if logging_step:  # read back: metrics, then the non-finite check
+                        metrics = self._step_metrics(result, timer.seconds(), micro_batches[0]["tokens"].shape[1],
+                                                     step_lr)
+                        watch.check(self.last_checkpoint)
+                        self._log(metrics, step)
+                        progress.update(metrics)
+                        reset_peak_memory(self.device)  # the next logged peak is that of the steps since this one
+                    else:
+                        progress.update()
+                    if self.validate is not None and (self._is_last(step) or self._every(step, self.eval_every)):
+                        self._validate(step, progress)
 
-                # Checked once per step, after it: a signal during a step saves that step.
-                stopping = self.any_rank(stop.requested is not None)
-                if self._every(step, self.save_every) or self._is_last(step) or stopping:
-                    watch.check(self.last_checkpoint)  # never save a step that was not finite
-                    self.last_checkpoint = self.save(step)
-                    self._write(progress, f"step {step}: saved {self.last_checkpoint}")
-                if stopping:
-                    break
+                    # Checked once per step, after it: a signal during a step saves that step.
+                    stopping = self.any_rank(stop.requested is not None)
+                    if self._every(step, self.save_every) or self._is_last(step) or stopping:
+                        watch.check(self.last_checkpoint)  # never save a step that was not finite
+                        self.last_checkpoint = self.save(step)
+                        done = "saved" if self.finish_save is None else "saving (in the background)"
+                        self._write(progress, f"step {step}: {done} {self.last_checkpoint}")
+                    if stopping:
+                        break
+            except BaseException:
+                self._finish_save_after_error()
+                raise
+            if self.finish_save is not None:
+                self.finish_save()  # the last save is complete and in place before the run ends
         progress.close()
         if stopping or stop.requested is not None:  # (a signal during the last save: it was saved)
             self._stop(stop)
+
+    def _finish_save_after_error(self) -> None:
+        """An error ends the run: a save still under way completes first (the error names the last
+        checkpoint), and its own failure is only logged (the error that ended the run is the one raised)."""
+        if self.finish_save is None:
+            return
+        try:
+            self.finish_save()
+        except Exception as err:
+            if self.is_main_process:
+                log.warning("the save under way when the run ended did not complete: %s", err)
 
     def _stop(self, stop: StopRequested):
         self.metric_logger.close()

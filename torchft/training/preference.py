@@ -139,3 +139,33 @@ def preference_validate(model: nn.Module, val_loader, loss_fn: PreferenceLoss, r
     """``validate()`` for the loop: :func:`preference_validation` over ``val_loader``, or None without one."""
     return None if val_loader is None else partial(preference_validation, model, val_loader, loss_fn, reference,
                                                    device)
+
+
+@torch.no_grad()
+def precompute_reference(reference: Reference, loader, device: torch.device, *, rank: int = 0,
+                         world_size: int = 1) -> Reference:
+    """The reference as a table: every pair of ``loader``'s dataset run once through ``reference`` (in
+    batches of ``loader.batch_size`` pairs, in dataset order, shared over the ranks), its chosen and rejected
+    log-probabilities kept by the pair's ``index``. The returned reference looks a batch's pairs up, so the
+    reference model is no longer needed once the tables of the train and validation sets exist."""
+    from torchft.training.distributed import all_reduce_sum
+
+    dataset = loader.dataset
+    real = [i for i in range(len(dataset)) if dataset[i]["index"] == i]  # not a rank's masked tail copy
+    table = torch.zeros(len(real), 2, dtype=torch.float32, device=device)  # [n, (chosen, rejected)]
+    batches = [real[k:k + loader.batch_size] for k in range(0, len(real), loader.batch_size)]
+    rounds = -(-len(batches) // world_size)  # every rank runs as many forwards (FSDP gathers together)
+    for r in range(rounds):
+        k = r * world_size + rank
+        indices = batches[k] if k < len(batches) else batches[0]  # a rank short of batches repeats the first
+        batch = to_device(loader.collate_fn([dataset[i] for i in indices]), device)
+        log_probs = reference(batch).float()  # [2b]
+        if k < len(batches):
+            table[indices] = torch.stack(log_probs.chunk(2), dim=1)  # [b, 2]
+    if world_size > 1:  # each row was filled by one rank
+        table = all_reduce_sum(table)
+
+    def lookup(batch: dict) -> torch.Tensor:
+        pairs = table[batch["index"].to(table.device)]  # [b, 2]
+        return torch.cat([pairs[:, 0], pairs[:, 1]])  # [2b], chosen first as the batch's rows
+    return lookup

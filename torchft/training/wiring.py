@@ -111,6 +111,15 @@ def log_model(model: nn.Module, run: Run) -> None:
     log.info("%s", line)
 
 
+def builds_adapters(model_node: Mapping) -> bool:
+    """Whether a config's ``model`` node builds LoRA/DoRA adapters: a ``lora_*`` / ``qlora_*`` builder, or
+    any builder (``from_hf_config``) given LoRA targets (``lora_attn_modules``, ``apply_lora_to_mlp``,
+    ``apply_lora_to_output``). Read from the node, before its checkpoint needs to exist."""
+    builder = str(model_node.get("_component_", "")).rsplit(".", 1)[-1]
+    targets = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output")
+    return builder.startswith(("lora_", "qlora_")) or any(bool(model_node.get(key)) for key in targets)
+
+
 def build_model(build: Callable[[], nn.Module], checkpointer, run: Run, *,
                 trainable: Literal["all", "adapters", "none"], activation_checkpointing: bool = False,
                 compile: bool = False, tiled_mlp_tokens: int | None = None, qat=None) -> nn.Module:
@@ -252,16 +261,58 @@ def resume_sharded(run: Run, model: nn.Module, optimizer, lr_scheduler, loader, 
 
 
 def sharded_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_scheduler, loader, identity: Mapping, *,
-                 adapters_only: bool, global_batch_size: int) -> Callable[[int], str]:
-    """``save(step) -> str`` for the loop: every rank writes ``step_<N>/`` (see ``save_sharded_step``)."""
-    from torchft.training.distributed_checkpoint import recipe_state, save_sharded_step
+                 adapters_only: bool, global_batch_size: int, async_save: bool = False) -> Callable[[int], str]:
+    """``save(step) -> str`` for the loop: every rank writes ``step_<N>/`` (see ``save_sharded_step``).
+
+    ``async_save`` (the config's): the DCP shards are written in the background and ``save.finish()``
+    waits for the last save and renames its folder into place (:class:`~torchft.training.distributed_checkpoint.
+    BackgroundSaves`); :func:`make_loop` hands it to the loop, which calls it before the run ends.
+    """
+    from torchft.training.distributed_checkpoint import BackgroundSaves, recipe_state, save_sharded_step
+
+    background = BackgroundSaves(run.env.timeout) if async_save else None
 
     def save(step: int) -> str:
         state = recipe_state(step, lr_scheduler, loader, identity, global_batch_size)
         return str(save_sharded_step(step, checkpointer, model, optimizer, state, adapters_only=adapters_only,
-                                     is_main=run.is_main_process))
+                                     is_main=run.is_main_process, background=background))
 
+    if background is not None:
+        save.finish = background.finish
     return save
+
+
+def resume_and_save(run: Run, checkpointer, model: nn.Module, optimizer, lr_scheduler, loader, *, adapters: bool,
+                    identity: Mapping | None = None, global_batch_size: int | None = None,
+                    async_save: bool = False) -> tuple[int, Callable[[int], str]]:
+    """``(step, save)``: a resumed run's optimizer, LR schedule, data position and RNG put back (the step to
+    continue after; 0 for a fresh run), and ``save(step) -> str`` for the loop.
+
+    On one device ``save`` writes ``step_<N>/`` with the model as an HF folder (the merged model and
+    ``adapter/`` with ``adapters``) and ``training_state.pt``; under torchrun it is :func:`sharded_save`
+    (``identity``, ``global_batch_size``, ``async_save``) after :func:`resume_sharded`."""
+    from torchft.training.checkpointing import adapter_state_dict_cpu, cpu_state_dict
+    from torchft.training.state import restore_training_state, training_state
+
+    if run.env is not None:
+        step = resume_sharded(run, model, optimizer, lr_scheduler, loader, adapters_only=adapters,
+                              global_batch_size=global_batch_size)
+        return step, sharded_save(run, checkpointer, model, optimizer, lr_scheduler, loader, identity,
+                                  adapters_only=adapters, global_batch_size=global_batch_size,
+                                  async_save=async_save)
+    step = 0
+    if run.resumed is not None:
+        step = restore_training_state(run.resumed, optimizer, lr_scheduler, loader)
+        log.info("resumed from %s at step %d", run.resume_dir, step)
+
+    def save(step: int) -> str:
+        if adapters:  # the merged HF folder + step_<N>/adapter/
+            state = training_state(step, optimizer, lr_scheduler, loader, adapter_state_dict_cpu(model))
+            return str(checkpointer.save(step, model, adapter_model=model, training_state=state))
+        state = training_state(step, optimizer, lr_scheduler, loader)
+        return str(checkpointer.save(step, cpu_state_dict(model), training_state=state))
+
+    return step, save
 
 
 def sft_train_step(model: nn.Module, loss_fn, optimizer, lr_scheduler, run: Run, *,
@@ -292,7 +343,8 @@ def make_loop(run: Run, total_steps: int, save: Callable[[int], str], metric_log
               validate: Callable[[], float] | None = None, flops_per_token: Callable[[int], float] | None = None,
               **cadences):
     """The :class:`~torchft.training.loop.TrainingLoop` of ``run``: its device, the folder it resumed
-    from, and under torchrun the main process and the stop decision taken on every rank together.
+    from, under torchrun the main process and the stop decision taken on every rank together, and the
+    ``finish`` of a ``save`` that completes in the background (:func:`sharded_save`).
     ``cadences``: the config's ``LOOP_KEYS``."""
     from torchft.training.loop import TrainingLoop
 
@@ -302,7 +354,8 @@ def make_loop(run: Run, total_steps: int, save: Callable[[int], str], metric_log
 
         ranks = dict(is_main_process=run.is_main_process, any_rank=partial(any_rank, group=run.env.cpu_group))
     return TrainingLoop(total_steps, save, metric_logger, run.device, start_step=start_step, validate=validate,
-                        flops_per_token=flops_per_token, last_checkpoint=run.resume_dir, **ranks, **cadences)
+                        flops_per_token=flops_per_token, last_checkpoint=run.resume_dir,
+                        finish_save=getattr(save, "finish", None), **ranks, **cadences)
 
 
 def train(loop, model: nn.Module, loader, train_step, optimizer, metric_logger) -> None:
