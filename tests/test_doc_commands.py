@@ -152,24 +152,26 @@ def extract_commands(text: str) -> list[tuple[str, bool]]:
     return commands
 
 
+def _own_output_dir(config: str, overrides: list[str]) -> list[str]:
+    """``output_dir=<a folder of this test>`` for a config that has the key and a command that does not set
+    it: the pages' default output folders (/tmp/torchft-quickstart/lora, ...) may hold the user's own
+    earlier runs on this machine, which a fresh run rightly refuses; the command itself is what is checked."""
+    from torchft.config import load_config
+
+    if any(o.lstrip("+~").startswith("output_dir") for o in overrides):
+        return []
+    try:
+        has_output_dir = "output_dir" in load_config(config, [o for o in overrides if "=" in o or o.startswith("~")])
+    except Exception:
+        return []  # validation reports why the config does not load
+    return [f"output_dir={Path.cwd() / 'outputs'}"] if has_output_dir else []
+
+
 def _tune(argv: list[str]) -> int:
     try:
         return tune_main(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-
-
-# The documented runs write to the configs' output_dir (e.g. /tmp/torchft-quickstart/lora); validating
-# them against a fresh folder keeps this test independent of runs made earlier on the same machine.
-# A command's own output_dir=... comes later and still wins.
-def _fresh_output_dir(config: str) -> list[str]:
-    from torchft.config import load_config
-
-    try:
-        has_output_dir = "output_dir" in load_config(config, [])
-    except (Exception, SystemExit):
-        return []  # a missing or broken config: validate reports it on its own
-    return ["output_dir=fresh_output_dir"] if has_output_dir else []
 
 
 def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
@@ -194,7 +196,8 @@ def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
             return "a tune run this test cannot validate: tag it or list it"
         at = words.index("--config")
         recipe, config, overrides = words[2], words[at + 1], words[at + 2:]
-        argv = ["validate", config, *_fresh_output_dir(config), *overrides, *SHORTENED.get(command, []), "--recipe", recipe,
+        overrides = [*overrides, *SHORTENED.get(command, [])]
+        argv = ["validate", config, *overrides, *_own_output_dir(config, overrides), "--recipe", recipe,
                 "--skip-checkpoint"]
     elif words[1] == "estimate":
         rest, config = [], None
@@ -209,9 +212,10 @@ def _check(command: str, key: str, tagged: bool, capsys) -> str | None:
                 rest.append(word)
         if config is None:
             return "a tune estimate without --config"
-        argv = ["validate", config, *_fresh_output_dir(config), *rest, "--skip-checkpoint"]
-    elif words[1] == "validate" and len(words) > 2 and not words[2].startswith("-"):
-        argv = ["validate", words[2], *_fresh_output_dir(words[2]), *words[3:]]
+        argv = ["validate", config, *rest, *_own_output_dir(config, rest), "--skip-checkpoint"]
+    elif words[1] == "validate" and len(words) > 2 and not words[2].startswith("-") and not expect_error:
+        overrides = [w for w in words[3:] if not w.startswith("--") and ("=" in w or w.startswith("~"))]
+        argv = [*words[1:], *_own_output_dir(words[2], overrides)]
     elif words[1] in ("ls", "cat", "cp", "validate", "run"):
         argv = words[1:]
     else:
@@ -260,3 +264,11 @@ def test_an_unchecked_or_broken_command_fails(tmp_path, monkeypatch, capsys):
     assert "exit 1" in _check(broken, "k", False, capsys)
     assert "exit 1" in _check(broken, "k", True, capsys)  # a tagged `tune run` is still validated
     assert _check(broken.replace("lrr", "lr"), "k", False, capsys) is None
+    # a page's default output folder holding the user's own finished run does not fail its commands
+    used = tmp_path / "used"
+    (used / "step_500").mkdir(parents=True)
+    (tmp_path / "mine.yaml").write_text((ROOT / "recipes" / "configs" / "quickstart" / "lora_single_device.yaml")
+                                        .read_text().replace("/tmp/torchft-quickstart/lora", str(used)))
+    for command in ("tune run lora_finetune_single_device --config mine.yaml", "tune validate mine.yaml"):
+        assert _check(command, "k", False, capsys) is None, command
+    assert "already holds step_500" in _check(f"tune validate mine.yaml output_dir={used}", "k", False, capsys)

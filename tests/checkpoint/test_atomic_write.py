@@ -1,7 +1,10 @@
 """The one atomic write: contents flushed, renamed into place, then the parent folder flushed."""
 import os
+import tempfile
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from torchft.checkpoint._io import atomic_directory, atomic_file
 
@@ -67,10 +70,15 @@ def test_outputs_get_the_permissions_of_a_plain_mkdir_under_the_umask(tmp_path, 
         with atomic_directory(tmp_path / "step_1") as tmp:
             with atomic_file(tmp / "model.safetensors") as f:
                 f.write_bytes(b"weights")
+            # writers that make private entries themselves: safetensors' save_file (0600), a private folder
+            save_file({"w": torch.zeros(2)}, tmp / "model-00001-of-00002.safetensors")
+            tempfile.mkdtemp(dir=tmp)
         with atomic_file(tmp_path / "alone.json") as f:
             f.write_text("{}")
     finally:
         os.umask(old)
     assert (tmp_path / "step_1").stat().st_mode & 0o777 == dir_mode
-    assert (tmp_path / "step_1" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    for entry in (tmp_path / "step_1").rglob("*"):
+        assert entry.stat().st_mode & 0o777 == (dir_mode if entry.is_dir() else file_mode), entry
+    assert len(list((tmp_path / "step_1").rglob("*"))) == 3
     assert (tmp_path / "alone.json").stat().st_mode & 0o777 == file_mode

@@ -42,6 +42,11 @@ def _rewrite_shard_without(folder, hf_key):
 def test_missing_folder_and_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nope'}: checkpoint folder does not exist")):
         load_hf_checkpoint(tmp_path / "nope")
+    # a config's folder (what `tune run` meets when the model was not downloaded): what to do, too
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"{tmp_path / 'nope'}: checkpoint folder does not exist (download the model there, e.g. "
+            f"`tune download REPO_ID --output-dir {tmp_path / 'nope'}`, or set checkpointer.checkpoint_dir=PATH)")):
+        HFCheckpointer(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no model weights found"):
         load_hf_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'config.json'}: config.json not found")):
@@ -93,7 +98,8 @@ def test_corrupt_safetensors(sharded_dir, damage):
     shard = sorted(sharded_dir.glob("model-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x13\x37" * 100)
-    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: not a valid safetensors file, truncated or corrupt")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{shard}: not a valid safetensors file, truncated or corrupt (")
+                       + r".*\); replace it with a complete copy \(download or copy it again\)$"):
         load_hf_checkpoint(sharded_dir)
 
 

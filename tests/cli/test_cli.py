@@ -361,7 +361,8 @@ def test_run_unknown_recipe_config_and_script_without_main(tmp_path, tiny):
     assert line.startswith("tune: error: no recipe named 'lora_finetune_singel_device' (did you mean")
     assert "'lora_finetune_single_device'" in line
     line = one_error_line(tune("run", script, "--config", tmp_path / "nope.yaml"))
-    assert line == f"tune: error: config file {tmp_path / 'nope.yaml'} does not exist"
+    assert line == (f"tune: error: config file {tmp_path / 'nope.yaml'} does not exist (check the path, or give a "
+                    "shipped config name: `tune ls` lists them)")
     line = one_error_line(tune("run", tmp_path / "nope.py", "--config", config))
     assert line == f"tune: error: recipe script {tmp_path / 'nope.py'} does not exist"
     no_main = tmp_path / "no_main.py"

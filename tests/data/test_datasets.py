@@ -185,3 +185,18 @@ def test_a_datasets_object_as_source(llama3_tok):
     assert ds[1]["tokens"] == expected_instruct(llama3_tok, ROWS[1])[0]
     with pytest.raises(ValueError, match="column 'output' not found; columns present: instruction, input"):
         instruct_dataset(llama3_tok, rows.remove_columns("output"))
+
+
+def test_a_local_file_loads_without_progress_bars(tmp_path, capfd):
+    import datasets
+
+    from torchft.data.sources import load_rows
+
+    path = tmp_path / "fresh.jsonl"  # new content: datasets generates its split (and used to draw a bar for it)
+    path.write_text("".join(json.dumps({"instruction": f"say {i} {tmp_path.name}", "output": str(i)}) + "\n"
+                            for i in range(3)))
+    assert datasets.is_progress_bar_enabled()
+    assert len(load_rows("json", data_files=str(path))) == 3
+    out, err = capfd.readouterr()
+    assert "Generating" not in out + err and "examples/s" not in out + err, out + err
+    assert datasets.is_progress_bar_enabled()  # hub downloads keep theirs

@@ -197,7 +197,8 @@ def test_hf_route_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         hf_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("not json")
-    with pytest.raises(ValueError, match="not a tokenizers JSON file"):
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a tokenizers JSON file \(.*\); replace it with the "
+                                         r"model's own tokenizer.json \(download or copy it again\)$"):
         hf_tokenizer(str(tmp_path))
 
 

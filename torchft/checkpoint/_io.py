@@ -18,11 +18,27 @@ class CheckpointError(ValueError):
     """A checkpoint file or folder is malformed; the message names the file and the problem."""
 
 
-def require_dir(path: str | os.PathLike, what: str = "checkpoint folder") -> Path:
-    """Return ``path`` as a Path, or raise FileNotFoundError naming it when it is not a folder."""
+# What to do about a damaged file: said after every "truncated or corrupt" / "unreadable" message.
+REPLACE_FILE_HINT = "replace it with a complete copy (download or copy it again)"
+
+
+def not_safetensors_error(path: str | os.PathLike, err: Exception) -> CheckpointError:
+    """The error for a file safetensors cannot open (a download cut short, a damaged copy)."""
+    return CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({err}); {REPLACE_FILE_HINT}")
+
+
+def download_hint(checkpoint_dir: str | os.PathLike) -> str:
+    """What to do when a config's model folder is missing (or its files are damaged)."""
+    return (f"download the model there, e.g. `tune download REPO_ID --output-dir {checkpoint_dir}`, "
+            "or set checkpointer.checkpoint_dir=PATH")
+
+
+def require_dir(path: str | os.PathLike, what: str = "checkpoint folder", hint: str | None = None) -> Path:
+    """Return ``path`` as a Path, or raise FileNotFoundError naming it (and ``hint``, what to do) when it
+    is not a folder."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} does not exist")
+        raise FileNotFoundError(f"{path}: {what} does not exist" + (f" ({hint})" if hint else ""))
     if not path.is_dir():
         raise NotADirectoryError(f"{path}: {what} is not a folder")
     return path
@@ -124,7 +140,13 @@ def temporary_sibling(target: str | os.PathLike) -> Path:
 
 def commit_directory(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Flush the finished folder ``tmp`` and rename it over ``target`` (replacing one that exists),
-    then flush the parent folder. ``atomic_directory`` does this for the folders it yields."""
+    then flush the parent folder. ``atomic_directory`` does this for the folders it yields.
+
+    Every entry inside gets the permissions of a plain ``open``/``mkdir`` too: some writers make private
+    files (safetensors' ``save_file`` creates 0600 files whatever the umask)."""
+    for dirpath, dirnames, filenames in os.walk(tmp):
+        for name in dirnames + filenames:
+            _plain_permissions(Path(dirpath) / name)
     _fsync_tree(Path(tmp))
     _replace_durably(Path(tmp), Path(target))
 

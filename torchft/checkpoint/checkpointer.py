@@ -31,7 +31,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from torchft.checkpoint._io import atomic_directory, copy_support_files, refuse_nested_output, require_dir
+from torchft.checkpoint._io import (atomic_directory, copy_support_files, download_hint, refuse_nested_output,
+                                   require_dir)
 from torchft.checkpoint.hf import (
     drop_tied_output,
     find_weight_files,
@@ -183,7 +184,7 @@ class _StepCheckpointer:
             raise ValueError(f"merge_onto ({merge_onto!r}) must be 'checkpoint' (the original weights of "
                              "checkpoint_dir) or 'model' (the model's own base weights, NF4 dequantized for QLoRA)")
         self.merge_onto = merge_onto
-        self.checkpoint_dir = require_dir(checkpoint_dir)
+        self.checkpoint_dir = require_dir(checkpoint_dir, hint=download_hint(checkpoint_dir))
         refuse_nested_output(output_dir, checkpoint_dir)
         if keep_last_n is not None and keep_last_n < 1:
             raise ValueError(f"keep_last_n ({keep_last_n}) must be at least 1 (or None to keep every step)")

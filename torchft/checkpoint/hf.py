@@ -20,6 +20,7 @@ from torchft.checkpoint._io import (
     CheckpointError,
     atomic_directory,
     copy_support_files,
+    not_safetensors_error,
     parse_size,
     refuse_nested_output,
     require_dir,
@@ -148,7 +149,7 @@ def _scan_safetensors(path: Path) -> dict[str, _Entry]:
         with safe_open(path, framework="pt") as f:
             return {k: _Entry(path, torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error type for every malformed file
-        raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({err})") from err
+        raise not_safetensors_error(path, err) from err
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from torchft.checkpoint._io import CheckpointError, atomic_file, to_plain_tensor, unshare_tensors
+from torchft.checkpoint._io import (CheckpointError, atomic_file, not_safetensors_error, to_plain_tensor,
+                                   unshare_tensors)
 from torchft.checkpoint.validate import check_state_dict, is_adapter_key
 
 FORMAT_KEY = "torchft_format"
@@ -53,7 +54,7 @@ def load_native_checkpoint(path: str | os.PathLike, *, validate: bool = True):
             metadata = f.metadata() or {}
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception as err:
-        raise CheckpointError(f"{path}: not a valid safetensors file, truncated or corrupt ({err})") from err
+        raise not_safetensors_error(path, err) from err
     if metadata.get(FORMAT_KEY) != FORMAT_VERSION or CONFIG_KEY not in metadata:
         raise CheckpointError(f"{path}: not a torchft checkpoint (no '{CONFIG_KEY}' in the file's metadata)")
     try:

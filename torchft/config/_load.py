@@ -71,7 +71,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
         if shipped.is_file():
             return shipped
     if looks_like_path:
-        raise FileNotFoundError(f"config file {text} does not exist")
+        raise FileNotFoundError(f"config file {text} does not exist (check the path, or give a shipped config "
+                                "name: `tune ls` lists them)")
     names = shipped_config_names()
     hint = did_you_mean(text, names) or " (see `tune ls` for the shipped configs)"
     raise FileNotFoundError(f"no config named '{text}' and no file at that path{hint}")

@@ -135,8 +135,9 @@ def checkpoint_problems(cfg: DictConfig, *, compare_model: bool = True) -> list[
     if not Path(checkpoint_dir).is_dir():
         if cfg.get("base_model") is not None:
             return []  # the quickstart's base_model node writes this folder when the run starts
-        return [f"{where} ({checkpoint_dir}): folder does not exist (download the model there, e.g. "
-                f"`tune download REPO_ID --output-dir {checkpoint_dir}`, or set {where}=PATH)"]
+        from torchft.checkpoint._io import download_hint
+
+        return [f"{where} ({checkpoint_dir}): folder does not exist ({download_hint(checkpoint_dir)})"]
     try:
         checkpointer = instantiate(node)
         checkpointer.check_weight_files()

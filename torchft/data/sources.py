@@ -6,6 +6,7 @@ reported as ``file:line`` / ``file: byte offset`` instead of a deep parser trace
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import json
 import os
@@ -111,6 +112,18 @@ def local_source(source: str, data_files=None) -> tuple[str | None, list[str]]:
     return builder, _local_files(data_files)
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars(datasets):
+    """No ``datasets`` progress bars inside the block (those of hub downloads stay, outside it)."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs):
     """Load a ``datasets.Dataset`` of rows.
 
@@ -139,7 +152,8 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_kwargs)
             # Local files become the requested split (``train[:10%]`` slices the ``train`` split).
             data_files = {split.split("[")[0]: files}
         try:
-            rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_kwargs)
+            with _quiet_progress_bars(datasets):  # "Generating train split" over a local file: noise
+                rows = datasets.load_dataset(builder, data_files=data_files, split=split, **load_kwargs)
         except Exception:
             # Parsing JSONL line by line up front would double the load time; on failure, find the line.
             for path in jsonl_files:

@@ -56,7 +56,8 @@ class HFTokenizer(BaseTokenizer):
         try:
             self.tokenizer = Tokenizer.from_file(tokenizer_file)
         except Exception as e:  # the tokenizers package raises a bare Exception on bad files
-            raise ValueError(f"{tokenizer_file}: not a tokenizers JSON file ({e})") from None
+            raise ValueError(f"{tokenizer_file}: not a tokenizers JSON file ({e}); replace it with the model's own "
+                             "tokenizer.json (download or copy it again)") from None
         # The same tokenizer with special tokens split as ordinary text: what typed text goes through.
         self._text_tokenizer = Tokenizer.from_str(self.tokenizer.to_str())
         self._text_tokenizer.encode_special_tokens = True
