@@ -297,7 +297,8 @@ def test_qat_lora_on_2_ranks_matches_one_device_and_resumes_across_the_switch(tm
 
     qat = ["+qat.scheme=8da4w", "+qat.group_size=32", "+qat.fake_quant_after_n_steps=2", "sample_prompts=null"]
     dist = tmp_path / "dist" / "out"
-    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(dist.parent, base, *data, qat)))
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                   tiny_overrides(dist.parent, base, *data, qat)))
     _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
         tmp_path / "resumed", base, *data, [*qat, "validation_dataset=null", "eval_every_n_steps=null",
                                             f"resume_from_checkpoint={dist / 'step_2'}"])))
@@ -307,10 +308,11 @@ def test_qat_lora_on_2_ranks_matches_one_device_and_resumes_across_the_switch(tm
     losses, reference, plain = (train_losses(tmp_path / name / "out") for name in ("dist", "single", "plain"))
     assert list(losses) == [1, 2, 3, 4]
     # steps 1-2 without fake quantization: the plain LoRA run's numbers, on 2 ranks as on one device
-    assert max(abs(losses[s] - reference[s]) for s in (1, 2)) < 1e-5 and [plain[1], plain[2]] == [reference[1], reference[2]]
+    assert max(abs(losses[s] - reference[s]) for s in (1, 2)) < 1e-5
+    assert [plain[1], plain[2]] == [reference[1], reference[2]]
     # steps 3-4 with it: the adapters of 2 ranks differ from one device's by a few ulps after step 2 (merged
-    # weights 3e-7 apart), enough to move some weights across an int4 rounding boundary (66 of the 73,728 of the
-    # fake-quantized linears at step 2, by the int4 codes); measured gaps 1.6e-3 and 2.0e-3, bound 1e-2
+    # weights 3e-7 apart), enough to move some of the fake-quantized weights across an int4 rounding boundary
+    # (and some activations across an int8 one); measured gaps 1.6e-3 and 2.0e-3, bound 1e-2
     assert max(abs(losses[s] - reference[s]) for s in (3, 4)) < 1e-2, (losses, reference)
     # fake quantization really on under FSDP: 7e-2 and 1.2e-1 from the plain run, far outside that bound
     assert min(abs(losses[s] - plain[s]) for s in (3, 4)) > 3e-2, (losses, plain)
