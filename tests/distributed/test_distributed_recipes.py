@@ -105,11 +105,12 @@ def test_lora_on_2_ranks_matches_one_device_with_the_global_batch(lora_runs):
         json.loads((single / "step_6" / "adapter" / "adapter_config.json").read_text())
 
 
-def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base):
+def _assert_loads_in_transformers_and_peft(step, base) -> None:
+    """A distributed LoRA step folder: its merged model loads in transformers, its adapter in peft on the
+    base, and the two compute the same logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    step = lora_runs["dist"] / "step_4"
     assert {"model.safetensors", "config.json", "tokenizer.model", "training_state.pt", "adapter",
             "distributed"} <= {p.name for p in step.iterdir()}
     tokens = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -117,6 +118,10 @@ def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(tokens).logits, merged(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_distributed_step_folder_loads_in_transformers_and_peft(lora_runs, base):
+    _assert_loads_in_transformers_and_peft(lora_runs["dist"] / "step_4", base)
 
 
 def _dcp_state(folder) -> dict:
@@ -282,6 +287,51 @@ def test_int8_base_dora_on_2_ranks_matches_one_device(tmp_path_factory, base, da
     merged = _quantized_dora_matches_one_device(tmp_path_factory.mktemp("int8"), base, data, "int8",
                                                 [("dist2", 2, [])])
     assert _max_diff(merged["dist2"], merged["single"]) < 1e-4
+
+
+def test_qat_lora_on_2_ranks_matches_one_device_and_resumes_across_the_switch(tmp_path, base, data):
+    """LoRA with QAT (8da4w, fake quantization from step 3 on) on 2 ranks, against the same run on one
+    device and a plain (no QAT) one there; then resumed at 2 ranks from step_2, across the switch."""
+    from tests.training.test_qat import converted_fake_and_plain_logits
+    from torchft._recipes import lora_finetune_single_device
+
+    qat = ["+qat.scheme=8da4w", "+qat.group_size=32", "+qat.fake_quant_after_n_steps=2", "sample_prompts=null"]
+    dist = tmp_path / "dist" / "out"
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed",
+                   tiny_overrides(dist.parent, base, *data, qat)))
+    _run_ok(launch("lora_finetune_distributed", "quickstart/lora_distributed", tiny_overrides(
+        tmp_path / "resumed", base, *data, [*qat, "validation_dataset=null", "eval_every_n_steps=null",
+                                            f"resume_from_checkpoint={dist / 'step_2'}"])))
+    for name, extra in (("single", qat), ("plain", [])):
+        lora_finetune_single_device.main(tiny_config("lora", tmp_path / name, base, single_device_overrides(
+            [*extra, f"validation_dataset.data_files={data[1]}"])))
+    losses, reference, plain = (train_losses(tmp_path / name / "out") for name in ("dist", "single", "plain"))
+    assert list(losses) == [1, 2, 3, 4]
+    # steps 1-2 without fake quantization: the plain LoRA run's numbers, on 2 ranks as on one device
+    assert max(abs(losses[s] - reference[s]) for s in (1, 2)) < 1e-5
+    assert [plain[1], plain[2]] == [reference[1], reference[2]]
+    # steps 3-4 with it: the adapters of 2 ranks differ from one device's by a few ulps after step 2 (merged
+    # weights 3e-7 apart), enough to move some of the fake-quantized weights across an int4 rounding boundary
+    # (and some activations across an int8 one); measured gaps 1.6e-3 and 2.0e-3, bound 1e-2
+    assert max(abs(losses[s] - reference[s]) for s in (3, 4)) < 1e-2, (losses, reference)
+    # fake quantization really on under FSDP: 7e-2 and 1.2e-1 from the plain run, far outside that bound
+    assert min(abs(losses[s] - plain[s]) for s in (3, 4)) > 3e-2, (losses, plain)
+    validation, val_reference = val_losses(dist), val_losses(tmp_path / "single" / "out")
+    assert max(abs(validation[s] - val_reference[s]) for s in (0, 2)) < 1e-5
+    assert abs(validation[4] - val_reference[4]) < 1e-2  # measured 2.9e-3
+    # resumed before the switch: the uninterrupted run's steps 3-4 and adapters, bit for bit
+    assert train_losses(tmp_path / "resumed" / "out") == {s: losses[s] for s in (3, 4)}
+    adapter = lambda out: load_file(out / "step_4" / "adapter" / "adapter_model.safetensors")
+    assert _max_diff(adapter(tmp_path / "resumed" / "out"), adapter(dist)) == 0.0
+
+    _assert_loads_in_transformers_and_peft(dist / "step_4", base)
+    # `tune run quantize` converts the 2-rank folder into the model it trained as (measured 0.0, as on one device)
+    got, want, unquantized = converted_fake_and_plain_logits(dist / "step_4", tmp_path / "q_dist")
+    assert (got - want).abs().max().item() < 1e-5 and (got - unquantized).abs().max().item() > 1e-2
+    # and near one device's converted model: steps 3-4 trained through different roundings (the unquantized
+    # step_4 models' logits are 0.065 apart, the converted ones' 0.24, of logits up to 4.2 in magnitude)
+    single_got, _, _ = converted_fake_and_plain_logits(tmp_path / "single" / "out" / "step_4", tmp_path / "q_single")
+    assert (got - single_got).abs().max().item() < 0.5
 
 
 def test_sigterm_saves_a_resumable_step_folder_on_every_rank(tmp_path, base, data):

@@ -80,12 +80,32 @@ def _qat_config(root, base, overrides=()):
                                                 "save_every_n_steps=1", "checkpointer.keep_last_n=10", *overrides])
 
 
-def test_qat_lora_resumes_across_the_switch_and_quantize_matches_the_fake_quant_model(tmp_path):
-    from torchft._recipes import lora_finetune_single_device as recipe
+PROBE = torch.tensor([[1, 5, 9, 22, 40, 7, 7, 3, 100, 512]])
+
+
+def converted_fake_and_plain_logits(folder, output_dir, probe=PROBE):
+    """An 8da4w QAT step folder (group size 32) converted by `tune run quantize`'s library path into
+    ``output_dir``: the logits on ``probe`` of the converted model, of the folder's model fake-quantized
+    as training computed, and of it unquantized."""
     from torchft._recipes.quantize import main as quantize
     from torchft.config import load_config
     from torchft.generation import load_model
     from torchft.generation._quantize import load_quantized
+
+    quantize(load_config("quantization", [f"checkpoint_dir={folder}", f"output_dir={output_dir}",
+                                          "scheme=int8_dynamic_activation_int4_weight", "group_size=32",
+                                          "quantize_lm_head=false", "device=cpu", "dtype=fp32"]))
+    converted = load_quantized(output_dir)
+    fake = load_model(folder, device="cpu", dtype=torch.float32)
+    apply_qat(fake, QATSettings("8da4w", group_size=32))
+    with torch.no_grad():
+        want, got = fake(probe), converted(probe)
+        set_fake_quant(fake, False)
+        return got, want, fake(probe)
+
+
+def test_qat_lora_resumes_across_the_switch_and_quantize_matches_the_fake_quant_model(tmp_path):
+    from torchft._recipes import lora_finetune_single_device as recipe
 
     base = make_base(tmp_path)
     recipe.main(_qat_config(tmp_path / "full", base))
@@ -103,18 +123,7 @@ def test_qat_lora_resumes_across_the_switch_and_quantize_matches_the_fake_quant_
         assert got == {s: expected[s] for s in range(resume_step + 1, 5)}
 
     # the step folder is a plain HF folder; `tune run quantize` with the same scheme converts it
-    folder = out / "step_4"
-    quantize(load_config("quantization", [f"checkpoint_dir={folder}", f"output_dir={tmp_path / 'q'}",
-                                          "scheme=int8_dynamic_activation_int4_weight", "group_size=32",
-                                          "quantize_lm_head=false", "device=cpu", "dtype=fp32"]))
-    converted = load_quantized(tmp_path / "q")
-    fake = load_model(folder, device="cpu", dtype=torch.float32)
-    apply_qat(fake, QATSettings("8da4w", group_size=32))
-    probe = torch.tensor([[1, 5, 9, 22, 40, 7, 7, 3, 100, 512]])
-    with torch.no_grad():
-        want, got = fake(probe), converted(probe)
-        set_fake_quant(fake, False)
-        unquantized = fake(probe)
+    got, want, unquantized = converted_fake_and_plain_logits(out / "step_4", tmp_path / "q")
     err = (got - want).abs().max().item()
     assert err < 1e-5, err  # fp32 on CPU: measured 0.0 (the same int8/int4 rounding); the docs state this bound
     assert (unquantized - want).abs().max().item() > 10 * err  # the match is the quantization's, not chance
