@@ -162,7 +162,7 @@ RECIPES: list[Recipe] = [
         file_path="knowledge_distillation_distributed.py",
         supports_distributed=True,
         configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed",
-                         "llama3_2/3B_lora_kd_distributed"),
+                         "llama3_2/3B_lora_kd_distributed", "llama3_1/8B_lora_kd_distributed"),
     ),
     Recipe(
         name="lora_dpo_single_device",
