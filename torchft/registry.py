@@ -162,7 +162,7 @@ RECIPES: list[Recipe] = [
         file_path="knowledge_distillation_distributed.py",
         supports_distributed=True,
         configs=_configs("quickstart/kd_distributed", "llama3_2/1B_lora_kd_distributed",
-                         "llama3_2/3B_lora_kd_distributed"),
+                         "llama3_2/3B_lora_kd_distributed", "llama3_1/8B_lora_kd_distributed"),
     ),
     Recipe(
         name="lora_dpo_single_device",
@@ -174,6 +174,8 @@ RECIPES: list[Recipe] = [
             "llama3_2/1B_lora_dpo_single_device",
             "llama3_2/3B_lora_dpo_single_device",
             "llama3_1/8B_lora_dpo_single_device",
+            "llama3/8B_lora_dpo_single_device",
+            "llama2/7B_lora_dpo_single_device",
         ),
     ),
     Recipe(
@@ -186,6 +188,10 @@ RECIPES: list[Recipe] = [
             "llama3_2/1B_lora_dpo",
             "llama3_2/3B_lora_dpo",
             "llama3_1/8B_lora_dpo",
+            "llama3_1/70B_lora_dpo",
+            "llama3/8B_lora_dpo",
+            "llama2/7B_lora_dpo",
+            "llama2/13B_lora_dpo",
         ),
     ),
     Recipe(
